@@ -1,0 +1,50 @@
+"""The attention-backend contract."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """One instance per attention layer. ``forward`` writes the new K/V into the paged
+    cache (by ``slot_mapping``) and returns attention over cached prefix + new tokens.
+
+    KV cache per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V).
+    ``kv_cache is None`` (profiling before the cache exists) means every request starts
+    at position 0: attend causally over the new tokens only.
+    """
+
+    name: ClassVar[str]
+    supports_graphs: ClassVar[bool] = False  # forward + prepare safe to capture in a graph
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    @classmethod
+    def unsupported_reason(cls, device_type: str, dtype: torch.dtype, head_dim: int,
+                           block_size: int) -> str | None:
+        """None if this backend runs here, else a sentence saying why not."""
+        return None
+
+    @classmethod
+    def prepare(cls, md: AttentionMetadata) -> AttentionMetadata:
+        """Called once per step (not per layer): attach backend-specific data to ``md.extra``."""
+        return md
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+        """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+        return self.forward(q, k, v, kv_cache, md)

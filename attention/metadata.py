@@ -1,0 +1,44 @@
+"""The one attention-metadata object every backend reads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of a mixed batch (decodes and prefill chunks together).
+
+    Request ``r`` owns query tokens ``query_start_loc[r]:query_start_loc[r+1]``; they are
+    the last ``q_len`` positions of its ``seq_lens[r]`` tokens, so token ``i`` sits at
+    position ``seq_lens[r] - q_len + i`` and attends causally to positions ``<=`` it, read
+    from the paged cache through ``block_table[r]`` (KV of the new tokens is written
+    first, by ``slot_mapping``). Padding is inert: tokens past ``num_actual_tokens`` have
+    slot -1; request rows past ``num_reqs`` have ``q_len == 0``, ``seq_len == 0`` and
+    block table entries 0 (the null block).
+    """
+
+    query_start_loc: torch.Tensor  # int32 [num_reqs_padded + 1]
+    seq_lens: torch.Tensor  # int32 [num_reqs_padded]
+    block_table: torch.Tensor  # int32 [num_reqs_padded, max_blocks_per_req]
+    slot_mapping: torch.Tensor  # int64 [num_tokens_padded]
+    max_query_len: int
+    max_seq_len: int
+    num_actual_tokens: int
+    num_reqs: int
+    # Host copies of the same values (no device sync needed to branch on them).
+    query_start_loc_cpu: np.ndarray
+    seq_lens_cpu: np.ndarray
+    # Backend-owned per-step data, built once per step by ``AttentionBackend.prepare``.
+    extra: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_query_len == 1

@@ -1,0 +1,74 @@
+"""Engine arguments: one validated dataclass shared by the scheduler and the runner."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class EngineConfig:
+    """Everything an engine needs besides the model weights.
+
+    ``model=None`` selects the embedded tiny default model. ``max_model_len=None`` takes
+    the model's ``max_position_embeddings``. ``num_kv_blocks`` forces the KV pool size;
+    ``kv_cache_memory_bytes`` forces its byte size; otherwise the runner's
+    ``profile_run`` sizes it (``gpu_memory_utilization`` of device memory on GPUs).
+    """
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    long_prefill_token_threshold: int = 0
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    attention_backend: str | None = None
+    enforce_eager: bool = False
+    compilation: str = "none"  # "none" | "piecewise" (torch.compile, GPU)
+    cuda_graph_sizes: list[int] = field(default_factory=list)  # empty: the runner's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            _positive(name, getattr(self, name))
+        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is the null block), got {self.num_kv_blocks}")
+        if not (isinstance(self.long_prefill_token_threshold, int) and self.long_prefill_token_threshold >= 0):
+            raise ValueError("long_prefill_token_threshold must be an integer >= 0 (0 = off), "
+                             f"got {self.long_prefill_token_threshold!r}")
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.compilation not in ("none", "piecewise"):
+            raise ValueError(f"compilation must be 'none' or 'piecewise', got {self.compilation!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for s in self.cuda_graph_sizes:
+            _positive("cuda_graph_sizes", s)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> "EngineConfig":
+        """Like the constructor, but an unknown argument names the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def _positive(name: str, value: object) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

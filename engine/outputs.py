@@ -1,0 +1,89 @@
+"""The plain-data contracts between scheduler, runner and user. No torch types here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (or must forget and re-add)."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int  # > 0 on a prefix-cache hit
+
+
+@dataclass
+class CachedRequestData:
+    """Requests the runner already holds, as parallel lists.
+
+    For a request resumed after preemption ``new_block_ids`` is its whole block table
+    (replace, not append); otherwise the blocks added since the last step (maybe empty).
+    """
+
+    req_ids: list[str] = field(default_factory=list)
+    resumed_from_preemption: list[bool] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's decision. Batch order = new requests after cached ones, as listed."""
+
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: CachedRequestData
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)
+    # Preempted since the last step: the runner drops their rows (keeps their tokens).
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @classmethod
+    def empty(cls) -> "SchedulerOutput":
+        return cls([], CachedRequestData(), {}, 0)
+
+
+@dataclass
+class SampleLogprobs:
+    """Logprobs for one generated token: the sampled token first, then the top-n."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    sampled_rank: int  # 1 = most likely
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Results in batch order. ``sampled_token_ids[i]`` is empty for a partial prefill."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]
+    logprobs: list[SampleLogprobs | None] | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None
+    logprobs: list[SampleLogprobs] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0

@@ -1,0 +1,109 @@
+"""Per-request sampling parameters, validated at construction."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+_MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How one request is sampled and when it stops.
+
+    ``temperature == 0`` (or ``top_k == 1``) means greedy. ``top_k <= 0`` and
+    ``top_p == 1`` and ``min_p == 0`` disable those filters. ``logprobs=n`` returns,
+    for every generated token, the sampled token's logprob and rank plus the top-n
+    of the raw (pre-penalty, pre-temperature) distribution.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}")
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        _check_number("temperature", self.temperature, 0.0, math.inf, "a finite number >= 0")
+        _check_int("top_k", self.top_k, -1, None, "an integer >= -1 (0 or -1 disables it)")
+        _check_number("top_p", self.top_p, 0.0, 1.0, "a number in (0, 1]", open_low=True)
+        _check_number("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1]")
+        _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0, "a number in [-2, 2]")
+        _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "a number in [-2, 2]")
+        _check_number("repetition_penalty", self.repetition_penalty, 0.0, math.inf,
+                      "a finite number > 0", open_low=True)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**63 - 1, "None or an integer in [0, 2**63)")
+        _check_int("max_tokens", self.max_tokens, 1, None, "an integer >= 1")
+        _check_int("min_tokens", self.min_tokens, 0, self.max_tokens,
+                   f"an integer in [0, max_tokens={self.max_tokens}]")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, 0, None, "a list of token ids >= 0")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, _MAX_LOGPROBS,
+                       f"None or an integer in [0, {_MAX_LOGPROBS}]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5 or self.top_k == 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @classmethod
+    def broadcast(cls, params: "SamplingParams | Sequence[SamplingParams] | None",
+                  n: int) -> list["SamplingParams"]:
+        """One SamplingParams per prompt: None -> defaults, one -> shared, a list -> checked length."""
+        if params is None:
+            params = cls()
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts")
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"sampling_params entries must be SamplingParams, got {type(p).__name__}")
+        return params
+
+
+def _check_number(name: str, value: object, lo: float, hi: float, allowed: str,
+                  open_low: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if open_low else value >= lo) and value <= hi
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None, allowed: str) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
