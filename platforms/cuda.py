@@ -1,0 +1,48 @@
+"""CUDA GPUs, and ROCm GPUs (same torch device type and ops; recognised by torch.version.hip)."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from platforms.interface import AcceleratorPlatform
+
+
+class CudaPlatform(AcceleratorPlatform):
+    name: ClassVar[str] = "cuda"
+    device_type: ClassVar[str] = "cuda"
+    runner_cls: ClassVar[str] = "runners.gpu:GPURunner"
+    attention_backends: ClassVar[tuple[str, ...]] = ("flash", "triton", "torch")
+    supports_graphs: ClassVar[bool] = True
+    static_shapes: ClassVar[bool] = False
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.version.cuda is not None and torch.cuda.is_available()
+
+    def device_capability(self) -> tuple[int, int]:
+        return torch.cuda.get_device_capability()
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name()
+
+    def multiprocessor_count(self) -> int:
+        return torch.cuda.get_device_properties().multi_processor_count
+
+    def graph_pool_handle(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def new_graph(self) -> Any:
+        return torch.cuda.CUDAGraph()
+
+    def graph_capture(self, graph: Any, pool: Any) -> Any:
+        return torch.cuda.graph(graph, pool=pool)
+
+
+class RocmPlatform(CudaPlatform):
+    name: ClassVar[str] = "rocm"
+    attention_backends: ClassVar[tuple[str, ...]] = ("triton", "torch")
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.version.hip is not None and torch.cuda.is_available()

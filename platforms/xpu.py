@@ -1,0 +1,39 @@
+"""Intel GPUs through torch.xpu."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from platforms.interface import AcceleratorPlatform
+
+
+class XpuPlatform(AcceleratorPlatform):
+    name: ClassVar[str] = "xpu"
+    device_type: ClassVar[str] = "xpu"
+    runner_cls: ClassVar[str] = "runners.xpu:XPURunner"
+    attention_backends: ClassVar[tuple[str, ...]] = ("triton", "torch")
+
+    @classmethod
+    def is_available(cls) -> bool:
+        xpu = getattr(torch, "xpu", None)
+        return xpu is not None and xpu.is_available()
+
+    @property
+    def supports_graphs(self) -> bool:  # type: ignore[override]
+        return hasattr(torch.xpu, "XPUGraph")  # XPU graphs only where the installed torch has them
+
+    def graph_pool_handle(self) -> Any:
+        return torch.xpu.graph_pool_handle()
+
+    def new_graph(self) -> Any:
+        return torch.xpu.XPUGraph()
+
+    def graph_capture(self, graph: Any, pool: Any) -> Any:
+        return torch.xpu.graph(graph, pool=pool)
+
+    def device_name(self) -> str:
+        return torch.xpu.get_device_name()
+
+    def multiprocessor_count(self) -> int:
+        return int(getattr(torch.xpu.get_device_properties(), "gpu_subslice_count", 0) or 0)
