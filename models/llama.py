@@ -1,0 +1,134 @@
+"""One decoder for the Llama family: Llama 2/3, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Parameter names follow HF's except for the packed projections (``qkv_proj``,
+``gate_up_proj``); ``LlamaForCausalLM.packed_modules`` maps them for the loader.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attention.backend import AttentionBackend
+from attention.metadata import AttentionMetadata
+from models.config import ModelConfig
+from models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+                           RowParallelLinear, SiluAndMul, VocabParallelEmbedding)
+from models.rotary import RotaryEmbedding, apply_rotary
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        d = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, d, config.num_attention_heads,
+                                          config.num_key_value_heads, config.attention_bias, tp_rank, tp_size)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size, self.head_dim = self.qkv_proj.q_size, self.qkv_proj.kv_size, d
+        self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size,
+                                        config.o_proj_bias, tp_rank, tp_size)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.attn = attn_backend(self.num_heads, self.num_kv_heads, d, d ** -0.5)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+        t = h.shape[0]
+        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.attn(q, k, v, kv_cache, md)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], config.mlp_bias,
+                                                       tp_rank, tp_size)
+        self.act = SiluAndMul()
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, attn_backend, tp_rank, tp_size)
+        self.mlp = LlamaMLP(config, tp_rank, tp_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, md)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_rank, tp_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend, tp_rank, tp_size)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                          config.rope_theta, config.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor | None], md: AttentionMetadata) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, h.dtype)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h, residual = layer(h, residual, cos, sin, kv_cache, md)
+        h, _ = self.norm(h, residual)
+        return h
+
+
+class LlamaForCausalLM(nn.Module):
+    """The runner's model: ``forward`` gives hidden states, ``compute_logits`` the logits."""
+
+    # packed parameter -> the HF tensors it holds, with their shard ids
+    packed_modules: dict[str, tuple[tuple[str, object], ...]] = {
+        "qkv_proj": (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")),
+        "gate_up_proj": (("gate_proj", 0), ("up_proj", 1)),
+    }
+
+    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend],
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank must be in [0, {tp_size}), got {tp_rank}")
+        self.config = config
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.model = LlamaModel(config, attn_backend, tp_rank, tp_size)
+        if config.tie_word_embeddings:
+            self.lm_head: VocabParallelEmbedding = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_rank, tp_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor | None], md: AttentionMetadata) -> torch.Tensor:
+        """``input_ids``/``positions`` ``[T]`` -> final hidden states ``[T, hidden]``;
+        ``kv_caches`` has one entry per layer (None: no cache, every request starts at 0)."""
+        if len(kv_caches) != self.config.num_hidden_layers:
+            raise ValueError(f"kv_caches must have {self.config.num_hidden_layers} entries, got {len(kv_caches)}")
+        return self.model(input_ids, positions, kv_caches, md)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[R, hidden] -> [R, vocab]`` in the model's dtype."""
+        return self.lm_head.compute_logits(hidden)
