@@ -1,0 +1,258 @@
+"""The scheduler: decides which requests run each step and with how many tokens.
+
+Policy, one step: running requests first, in admission order (a decode token each or
+their next prefill chunk), then waiting ones, first come first served, all sharing one
+token budget (``max_num_batched_tokens``), so a step mixes decodes and prefill chunks.
+``long_prefill_token_threshold > 0`` caps one request's chunk. When the pool runs dry the
+newest running request is preempted (blocks freed, back to the front of the queue, later
+recomputed from prompt + generated tokens; prefix hits usually shorten that), and a step
+that preempted admits nobody. A request's ``num_computed_tokens`` advances when it is
+scheduled; its sampled token arrives in ``update_from_output``.
+
+The runner applies a ``SchedulerOutput`` in this order: finished, preempted, new, cached.
+A request never appears as preempted and scheduled in the same output. Resumed
+requests come as cached requests (the runner kept their tokens), with their whole block
+table in ``new_block_ids``.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from engine.block_manager import KVBlockManager
+from engine.config import EngineConfig
+from engine.outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from engine.request import Request, RequestStatus
+
+_RUNNING = RequestStatus.RUNNING
+_PREEMPTED = RequestStatus.PREEMPTED
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_finished: int
+    kv_cache_usage: float
+    prefix_cache_queries: int  # prompt tokens looked up at first admission
+    prefix_cache_hits: int  # of which served from the cache
+    prefix_cache_hit_rate: float
+
+
+class Scheduler:
+    """Chunked prefill, prefix caching and preemption over one ``KVBlockManager``."""
+
+    def __init__(self, config: EngineConfig, num_kv_blocks: int) -> None:
+        if config.max_model_len is None:
+            raise ValueError("Scheduler needs a resolved config.max_model_len (the engine takes it "
+                             "from the model's max_position_embeddings when unset)")
+        self.config = config
+        self.max_model_len = config.max_model_len
+        self.block_size = config.block_size
+        self.kv = KVBlockManager(num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}  # unfinished requests
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished: dict[str, Request] = {}  # since the last schedule()
+        self.num_preemptions = 0
+        self.num_finished = 0
+
+    # Requests in and out ---------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        rid = req.request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already scheduled")
+        if req.status is not RequestStatus.WAITING or req.num_computed_tokens or req.output_token_ids:
+            raise ValueError(f"request {rid!r} must be new (WAITING, nothing computed), got {req!r}")
+        n, mml = req.num_prompt_tokens, self.max_model_len
+        if n > mml:
+            raise ValueError(f"request {rid!r}: the prompt has {n} tokens, more than max_model_len={mml}")
+        # KV slots at worst: every token but the last one sampled (it stops at max_model_len).
+        final_len = min(n + req.sampling_params.max_tokens, max(mml, n + 1))
+        need = -(-(final_len - 1) // self.block_size)
+        if need > self.kv.num_blocks - 1:
+            raise ValueError(
+                f"request {rid!r} may reach {final_len} tokens ({n} prompt + up to "
+                f"{final_len - n} generated, max_model_len={mml}), needing {need} KV blocks of "
+                f"block_size={self.block_size}, but the pool has num_kv_blocks={self.kv.num_blocks} "
+                f"({self.kv.num_blocks - 1} usable): raise num_kv_blocks (or the KV memory), "
+                f"or lower max_model_len / max_tokens")
+        self.requests[rid] = req
+        self.waiting.append(req)
+
+    def finish_requests(self, req_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """Finish requests from outside (aborts, stop strings); unknown or finished ids are ignored."""
+        if not RequestStatus(status).finished:
+            raise ValueError(f"status must be a finished status, got {RequestStatus(status).name}")
+        if isinstance(req_ids, str):
+            req_ids = (req_ids,)
+        for rid in req_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.status is _RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = RequestStatus(status)
+            self._release(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def has_finished_requests(self) -> bool:
+        """Requests finished since the last schedule() (not yet reported to the runner)."""
+        return bool(self._finished)
+
+    def get_request(self, req_id: str) -> Request | None:
+        """An unfinished request, or one finished since the last schedule(); else None."""
+        req = self.requests.get(req_id)
+        return req if req is not None else self._finished.get(req_id)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+    def stats(self) -> SchedulerStats:
+        kv = self.kv
+        return SchedulerStats(len(self.running), len(self.waiting), self.num_preemptions,
+                              self.num_finished, kv.usage, kv.num_query_tokens, kv.num_hit_tokens,
+                              kv.hit_rate)
+
+    # One step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Decide this step; advances ``num_computed_tokens`` of every scheduled request."""
+        budget = self.config.max_num_batched_tokens
+        cap = self.config.long_prefill_token_threshold
+        kv, running = self.kv, self.running
+        num_scheduled: dict[str, int] = {}
+        cached = CachedRequestData()
+        c_ids, c_resumed = cached.req_ids, cached.resumed_from_preemption
+        c_blocks, c_computed = cached.new_block_ids, cached.num_computed_tokens
+        preempted: set[str] = set()
+        allocate = kv.allocate_slots
+        add_id, add_blocks, add_computed = c_ids.append, c_blocks.append, c_computed.append
+
+        for req in running:  # preemption pops the tail, which this loop then never reaches
+            if budget <= 0:
+                break
+            n = len(req.all_token_ids) - req.num_computed_tokens
+            if n > 1 and 0 < cap < n:
+                n = cap
+            if n > budget:
+                n = budget
+            new_blocks = allocate(req, n)
+            if new_blocks is None:
+                new_blocks = self._preempt_for(req, n, preempted)
+                if new_blocks is None:
+                    break  # req itself was preempted
+            rid = req.request_id
+            add_id(rid)
+            add_blocks(new_blocks)
+            add_computed(req.num_computed_tokens)
+            num_scheduled[rid] = n
+            req.num_computed_tokens += n
+            budget -= n
+        c_resumed.extend([False] * len(c_ids))
+
+        new_reqs: list[NewRequestData] = []
+        if not preempted:
+            budget = self._admit(budget, cached, new_reqs, num_scheduled)
+
+        # The runner holds state only for requests it was sent (scheduled at least once).
+        finished = {rid for rid, r in self._finished.items() if r.num_cached_tokens >= 0}
+        self._finished = {}
+        return SchedulerOutput(new_reqs, cached, num_scheduled,
+                               self.config.max_num_batched_tokens - budget, finished, preempted)
+
+    def _admit(self, budget: int, cached: CachedRequestData, new_reqs: list[NewRequestData],
+               num_scheduled: dict[str, int]) -> int:
+        """Move waiting requests to running, FCFS, while budget, seats and blocks last."""
+        kv, waiting, running = self.kv, self.waiting, self.running
+        cap = self.config.long_prefill_token_threshold
+        max_seqs = self.config.max_num_seqs
+        while waiting and budget > 0 and len(running) < max_seqs:
+            req = waiting[0]
+            hit_blocks, num_hit = kv.get_computed_blocks(req)
+            n = len(req.all_token_ids) - num_hit
+            if 0 < cap < n:
+                n = cap
+            if n > budget:
+                n = budget
+            if kv.allocate_slots(req, n, hit_blocks) is None:
+                break  # FCFS: nobody overtakes the head of the queue
+            waiting.popleft()
+            running.append(req)
+            rid = req.request_id
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            if req.status is _PREEMPTED:
+                cached.req_ids.append(rid)
+                cached.resumed_from_preemption.append(True)
+                cached.new_block_ids.append(kv.get_block_ids(req))
+                cached.num_computed_tokens.append(num_hit)
+            else:
+                new_reqs.append(NewRequestData(rid, req.prompt_token_ids, req.sampling_params,
+                                               kv.get_block_ids(req), num_hit))
+            req.status = _RUNNING
+            req.num_computed_tokens = num_hit + n
+            num_scheduled[rid] = n
+            budget -= n
+        return budget
+
+    def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[Request]:
+        """Append sampled tokens, apply stop conditions, release finished requests.
+
+        Returns the requests that finished in this update. Rows of requests that ended
+        since ``sched`` was made (aborts) are ignored. Logprobs are the engine's to keep.
+        ``sched`` is the output this ``out`` answers (part of the contract; unused today).
+        """
+        requests, mml, running = self.requests, self.max_model_len, _RUNNING
+        finished: list[Request] = []
+        for rid, tokens in zip(out.req_ids, out.sampled_token_ids):
+            req = requests.get(rid)
+            if req is None or req.status is not running:
+                continue
+            if not tokens:
+                if req.num_computed_tokens >= len(req.all_token_ids):
+                    raise RuntimeError(f"request {rid!r} finished its prefill but the runner "
+                                       f"sampled no token for it")
+                continue
+            for tok in tokens:
+                req.append_token(tok)
+                if req.check_stop(mml):
+                    finished.append(req)
+                    break
+        if finished:
+            for req in finished:
+                self._release(req)
+            self.running = [r for r in self.running if r.status is _RUNNING]
+        return finished
+
+    # Internals -------------------------------------------------------------------------
+    def _preempt_for(self, req: Request, n: int, preempted: set[str]) -> list[int] | None:
+        """Preempt the newest running requests until ``req`` gets its blocks (or is the victim)."""
+        while True:
+            victim = self.running.pop()  # never one scheduled earlier in this step
+            self._preempt(victim, preempted)
+            if victim is req:
+                return None
+            new_blocks = self.kv.allocate_slots(req, n)
+            if new_blocks is not None:
+                return new_blocks
+
+    def _preempt(self, req: Request, preempted: set[str]) -> None:
+        self.kv.free(req)
+        req.status = _PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        preempted.add(req.request_id)
+
+    def _release(self, req: Request) -> None:
+        self.kv.free(req)
+        del self.requests[req.request_id]
+        self._finished[req.request_id] = req
+        self.num_finished += 1
