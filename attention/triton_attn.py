@@ -1,0 +1,273 @@
+"""Triton backend: one unified paged-attention kernel for mixed batches, split-KV, fused KV write.
+
+Launch plan (all decided on the host from shapes and host ints, never from device data):
+
+* ``md.max_query_len == 1`` (pure decode, the CUDA-graph case): one launch of the decode role,
+  a program per (request, kv head[, split]).
+* otherwise: the decode role for q_len == 1 rows plus the prefill role, query blocks of
+  ``BLOCK_Q`` tokens x all query heads of a KV head, for q_len >= 2 rows. Both read the
+  same kernel; query blocks are mapped to requests in-kernel (binary search over
+  ``query_start_loc``), so no per-step device metadata is built and ``prepare`` is not
+  needed.
+* split-KV when the programs of a launch would not fill the GPU: ``num_splits`` depends only
+  on the padded token/request counts, ``md.max_query_len`` (1 for every captured decode
+  batch), the head layout and the SM count, so a captured graph and its replays agree.
+  Each program derives its own KV segment from the real ``seq_len`` in-kernel (at least
+  ``MIN_SPLIT_TOKENS`` keys per segment; surplus splits idle), so the result is right for
+  whatever lengths a replay brings; a reduce kernel combines the partial (max, sum, out).
+* padding is inert: slot -1 is skipped by the KV write, padding tokens' output rows are
+  written as zeros (by the kernel, not a host-sized slice), padded request rows do nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from attention.backend import AttentionBackend
+from attention.metadata import AttentionMetadata
+
+MIN_SPLIT_TOKENS = 64
+MAX_SPLITS = 64
+_HEAD_DIMS = (32, 64, 128, 256)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_props(device_type: str, index: int) -> dict:
+    if device_type == "cpu":
+        return {}
+    from triton.runtime import driver
+    return dict(driver.active.utils.get_device_properties(index))
+
+
+def device_sm_count(device_type: str, index: int) -> int:
+    """Streaming multiprocessors (CUDA) / compute units (XPU); 4 under the interpreter."""
+    if device_type == "cpu":
+        return 4
+    props = _device_props(device_type, index)
+    return int(props.get("multiprocessor_count") or props.get("max_compute_units") or 64)
+
+
+def _device_index(device: torch.device) -> int:
+    if device.index is None and device.type != "cpu":
+        return torch.accelerator.current_device_index()
+    return device.index or 0
+
+
+def _sm_count(device: torch.device) -> int:
+    return device_sm_count(device.type, _device_index(device))
+
+
+def _smem_limit(device: torch.device) -> int | None:
+    """Shared memory per program (bytes) if the driver tells; None = no limit (interpreter)."""
+    value = _device_props(device.type, _device_index(device)).get("max_shared_mem")
+    return int(value) if value else None
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_q: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def decode_config(g_pad: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """One token x the group's query heads per program (rows padded to the dot minimum 16).
+    Tuned on an H100 (Llama-3-8B decode): 64-key tiles, 4 warps, 2 stages."""
+    wide = dtype == torch.float32 or head_dim > 128
+    return TileConfig(max(16, g_pad), 1, 32 if wide else 64, 4, 2)
+
+
+def prefill_config(g_pad: int, head_dim: int, dtype: torch.dtype, max_query_len: int) -> TileConfig:
+    """128 query rows (tokens x group heads) x 128 keys, 8 warps, 3 stages for 16-bit d<=128
+    (H100-tuned; its shared memory holds Q plus three K/V stages); smaller tiles otherwise."""
+    wide = dtype == torch.float32 or head_dim > 128
+    rows = 64 if wide else 128
+    block_q = max(1, min(rows // g_pad, _pow2(max(2, max_query_len))))
+    block_m = max(16, block_q * g_pad)
+    big = block_m >= 128
+    return TileConfig(block_m, block_q, 32 if wide else (128 if big else 64),
+                      8 if big else 4, 2 if wide else 3)
+
+
+def choose_num_splits(programs: int, sm_count: int) -> int:
+    """Split the KV range when a launch has fewer programs than SMs: aim at two per SM."""
+    if programs >= sm_count:
+        return 1
+    return max(1, min(MAX_SPLITS, -(-2 * sm_count // max(programs, 1))))
+
+
+def fit_shared_memory(cfg: TileConfig, head_dim: int, elem_bytes: int,
+                      limit: int | None) -> TileConfig:
+    """Shrink stages, then key tiles, then query rows until Q plus the K/V stages fit
+    (with slack for Triton's scratch): e.g. A100 or consumer GPUs under the H100 tiles."""
+    def need(c: TileConfig) -> int:
+        return (c.block_m + 2 * c.num_stages * c.block_n) * head_dim * elem_bytes + 1024
+    while limit is not None and need(cfg) > limit:
+        if cfg.num_stages > 2:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_n > 32:
+            cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+        elif cfg.block_m > 16 and cfg.block_q > 1:
+            cfg = dataclasses.replace(cfg, block_m=cfg.block_m // 2, block_q=cfg.block_q // 2,
+                                      num_warps=4)
+        else:
+            break
+    return cfg
+
+
+def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    """Fused K+V store by ``slot_mapping``; slot -1 (padding) leaves the cache untouched."""
+    from attention.triton_kernels import kv_write_kernel
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    kv_write_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, H_PAD=_pow2(num_kv_heads), HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1], num_warps=4)
+
+
+def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      kv_cache: torch.Tensor | None, md: AttentionMetadata, scale: float,
+                      num_splits: int | None = None,
+                      min_split_tokens: int = MIN_SPLIT_TOKENS,
+                      configs: tuple[TileConfig | None, TileConfig | None] = (None, None),
+                      ) -> torch.Tensor:
+    """Attention of q ``[T, Hq, D]`` over the paged cache (or over k/v when the cache is None).
+
+    ``num_splits`` overrides the split heuristic (1 = no split), ``min_split_tokens`` the
+    shortest KV segment of a split and ``configs`` the (decode, prefill) tiles: for tests and
+    benchmarks.
+    """
+    from attention.triton_kernels import split_reduce_kernel, unified_attention_kernel
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1] if kv_cache is None else kv_cache.shape[3]
+    q_per_kv = num_heads // num_kv_heads
+    g_pad = _pow2(q_per_kv)
+    num_reqs_pad = md.seq_lens.shape[0]
+    out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    direct = kv_cache is None
+    if direct:
+        k_src, v_src = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+        block_size, kv_strides = 1, (0, k_src.stride(0), k_src.stride(1),
+                                     0, v_src.stride(0), v_src.stride(1))
+    else:
+        k_src, v_src = kv_cache[0], kv_cache[1]
+        block_size = k_src.shape[1]
+        kv_strides = (k_src.stride(0), k_src.stride(1), k_src.stride(2),
+                      v_src.stride(0), v_src.stride(1), v_src.stride(2))
+    decode_only = md.max_query_len <= 1
+    smem, elem = _smem_limit(q.device), q.element_size()
+    dec = configs[0] or fit_shared_memory(decode_config(g_pad, head_dim, q.dtype), head_dim,
+                                          elem, smem)
+    pre = None if decode_only else (configs[1] or fit_shared_memory(
+        prefill_config(g_pad, head_dim, q.dtype, md.max_query_len), head_dim, elem, smem))
+    grid_dec = max(num_reqs_pad, num_tokens) if decode_only else num_reqs_pad
+    grid_pre = 0 if pre is None else num_tokens // pre.block_q + num_reqs_pad + 1
+    if num_splits is None:
+        work = num_reqs_pad if decode_only else -(-num_tokens // pre.block_q) + num_reqs_pad
+        num_splits = choose_num_splits(work * num_kv_heads, _sm_count(q.device))
+    split = num_splits > 1
+    if split:
+        f32 = dict(dtype=torch.float32, device=q.device)
+        part_m = torch.empty((num_tokens, num_heads, num_splits), **f32)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((num_tokens, num_heads, num_splits, head_dim), **f32)
+    else:
+        part_m = part_l = part_acc = out  # unused
+    qk_scale = scale * math.log2(math.e)
+    dot_prec = "ieee" if q.dtype == torch.float32 else None  # fp32: no tf32 (1e-5 target)
+    bt = md.block_table
+    for cfg, grid0, is_decode in ((dec, grid_dec, True), (pre, grid_pre, False)):
+        if cfg is None:
+            continue
+        unified_attention_kernel[(grid0, num_kv_heads, num_splits)](
+            out, q, k_src, v_src, bt, md.seq_lens, md.query_start_loc, part_m, part_l, part_acc,
+            num_tokens, num_reqs_pad, num_splits, max(1, min_split_tokens // cfg.block_n),
+            qk_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides,
+            bt.stride(0), num_heads * num_splits, num_splits,
+            Q_PER_KV=q_per_kv, G_PAD=g_pad, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+            IS_DECODE=is_decode, ZERO_PAD=not split and (decode_only or not is_decode),
+            SPLIT=split, DIRECT_KV=direct, DOT_PREC=dot_prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split:
+        split_reduce_kernel[(num_tokens, num_heads)](
+            out, part_m, part_l, part_acc, md.query_start_loc, num_reqs_pad, num_splits,
+            out.stride(0), out.stride(1), num_heads * num_splits, num_splits,
+            HEAD_DIM=head_dim, S_PAD=_pow2(num_splits), num_warps=4)
+    return out
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention in Triton (CUDA, XPU; CPU only under ``TRITON_INTERPRET=1``)."""
+
+    name = "triton"
+    supports_graphs = True
+    #: force a split count (None = heuristic) / the shortest split segment; tests, benchmarks
+    num_splits_override: int | None = None
+    min_split_tokens: int = MIN_SPLIT_TOKENS
+
+    @classmethod
+    def unsupported_reason(cls, device_type: str, dtype: torch.dtype, head_dim: int,
+                           block_size: int) -> str | None:
+        err = triton_import_error()
+        if err:
+            return err
+        if device_type not in ("cuda", "xpu") and not (device_type == "cpu" and _interpret()):
+            return (f"triton kernels need a cuda or xpu device, got {device_type!r} "
+                    "(cpu only with TRITON_INTERPRET=1)")
+        if dtype not in _DTYPES:
+            return f"dtype {dtype} not supported (float16, bfloat16, float32)"
+        if head_dim not in _HEAD_DIMS:
+            return f"head_dim={head_dim} not supported (one of {_HEAD_DIMS})"
+        if block_size < 1 or block_size & (block_size - 1) or block_size > 256:
+            return f"block_size={block_size} not supported (a power of two up to 256)"
+        return None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+        if kv_cache is not None:
+            if kv_cache.dtype != q.dtype:
+                raise ValueError(f"kv_cache dtype {kv_cache.dtype} != query dtype {q.dtype}")
+            write_kv_cache_triton(k, v, kv_cache, md.slot_mapping)
+        return unified_attention(q, k, v, kv_cache, md, self.scale, self.num_splits_override,
+                                 self.min_split_tokens)
+

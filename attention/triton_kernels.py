@@ -1,0 +1,229 @@
+"""Triton kernels: unified paged attention (decode rows and prefill chunks), split-KV reduce,
+and the KV-cache write by slot mapping. Launch logic lives in ``attention.triton_attn``.
+
+Tile rows pack the query heads of one KV head (GQA): row ``m`` is token ``m // G_PAD`` of the
+tile and query head ``kv_head * Q_PER_KV + m % G_PAD``, so each K/V tile is loaded once per
+group. Scores live in the exp2 domain (``qk_scale`` includes log2(e)); softmax state is fp32.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, kv_tok0, tile_lo, tile_hi, seq_len,
+            qk_scale, stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d,
+            BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DIRECT_KV: tl.constexpr,
+            MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over key tiles ``[tile_lo, tile_hi)``; MASKED adds causal/length masks."""
+    for t in range(tile_lo, tile_hi):
+        pos = t * BLOCK_N + offs_n
+        if DIRECT_KV:  # no cache: keys are the request's own new tokens
+            rows = (kv_tok0 + pos).to(tl.int64)
+            k_off = rows * stride_kt
+            v_off = rows * stride_vt
+        else:
+            if MASKED:
+                blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < seq_len, other=0)
+            else:
+                blk = tl.load(bt_row + pos // BLOCK_SIZE)
+            blk = blk.to(tl.int64)
+            in_blk = pos % BLOCK_SIZE
+            k_off = blk * stride_kb + in_blk * stride_kt
+            v_off = blk * stride_vb + in_blk * stride_vt
+        k_ptrs = k_base + k_off[:, None] + offs_d[None, :]
+        v_ptrs = v_base + v_off[:, None] + offs_d[None, :]
+        if MASKED:
+            # rows past seq_len may be NaN garbage: P = 0 times NaN would still poison acc
+            in_len = (pos < seq_len)[:, None]
+            k = tl.load(k_ptrs, mask=in_len, other=0.0)
+            v = tl.load(v_ptrs, mask=in_len, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+        if MASKED:
+            keep = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] < seq_len)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_ref = m_new
+        p = tl.math.exp2(s * qk_scale - m_ref[:, None])  # scale folded into one FMA
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["num_tokens", "num_reqs_pad", "num_splits"])
+def unified_attention_kernel(
+        out_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+        part_m_ptr, part_l_ptr, part_acc_ptr,
+        num_tokens, num_reqs_pad, num_splits, min_tiles_per_split, qk_scale,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_bt, stride_pt, stride_ph,
+        Q_PER_KV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, IS_DECODE: tl.constexpr, ZERO_PAD: tl.constexpr,
+        SPLIT: tl.constexpr, DIRECT_KV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid ``(programs, num_kv_heads, num_splits)``.
+
+    IS_DECODE: program ``p`` serves request ``p`` if its q_len is 1 (and, with ZERO_PAD,
+    zeroes padding token ``p``). Otherwise programs are query blocks of BLOCK_Q tokens of
+    requests with q_len >= 2: request ``r`` owns programs from ``qsl[r] // BLOCK_Q + r``
+    (enough for its tokens); index ``num_reqs_pad`` is a virtual request holding the padding
+    tokens, zeroed with ZERO_PAD. SPLIT writes unnormalised partials per KV segment.
+    """
+    if IS_DECODE:
+        pid = tl.program_id(0)
+    else:  # heaviest (latest) query blocks first: shorter tail under causal imbalance
+        pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_tok = offs_m // G_PAD
+    row_g = offs_m % G_PAD
+    head = kvh * Q_PER_KV + row_g
+    row_ok = (row_tok < BLOCK_Q) & (row_g < Q_PER_KV)
+    n_real = tl.load(qsl_ptr + num_reqs_pad)
+    o_cols = head[:, None] * stride_oh + offs_d[None, :]
+
+    if IS_DECODE:
+        if ZERO_PAD:
+            if (pid >= n_real) & (pid < num_tokens):
+                zero = tl.zeros([BLOCK_M, HEAD_DIM], dtype=out_ptr.dtype.element_ty)
+                tl.store(out_ptr + pid.to(tl.int64) * stride_ot + o_cols, zero,
+                         mask=(row_ok & (row_tok == 0))[:, None])
+        if pid >= num_reqs_pad:
+            return
+        req = pid
+        q_start = tl.load(qsl_ptr + req)
+        q_len = tl.load(qsl_ptr + req + 1) - q_start
+        if q_len != 1:
+            return
+        q_off = 0
+    else:
+        lo = 0
+        hi = num_reqs_pad
+        while lo < hi:  # last request whose first program index is <= pid
+            mid = (lo + hi + 1) // 2
+            if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
+                lo = mid
+            else:
+                hi = mid - 1
+        req = lo
+        q_start = tl.load(qsl_ptr + req)
+        q_off = (pid - (q_start // BLOCK_Q + req)) * BLOCK_Q
+        if req == num_reqs_pad:
+            if ZERO_PAD:
+                toks = q_start + q_off + row_tok
+                zero = tl.zeros([BLOCK_M, HEAD_DIM], dtype=out_ptr.dtype.element_ty)
+                tl.store(out_ptr + toks.to(tl.int64)[:, None] * stride_ot + o_cols, zero,
+                         mask=(row_ok & (toks < num_tokens))[:, None])
+            return
+        q_len = tl.load(qsl_ptr + req + 1) - q_start
+        if (q_len < 2) | (q_off >= q_len):
+            return
+
+    if DIRECT_KV:
+        seq_len = q_len
+    else:
+        seq_len = tl.load(seq_lens_ptr + req)
+    ctx = seq_len - q_len  # cached prefix before the new tokens
+    tok_in_req = q_off + row_tok
+    row_ok = row_ok & (tok_in_req < q_len)
+    q_pos = ctx + tok_in_req
+    tok = (q_start + tok_in_req).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+
+    first_pos = ctx + q_off
+    kv_end = ctx + tl.minimum(q_off + BLOCK_Q, q_len)  # keys this tile can see
+    n_tiles = tl.cdiv(kv_end, BLOCK_N)
+    n_full = (first_pos + 1) // BLOCK_N  # tiles every row sees whole: no masks
+    if SPLIT:
+        per = tl.maximum(tl.cdiv(n_tiles, num_splits), min_tiles_per_split)
+        lo_t = split * per
+        hi_t = tl.minimum(lo_t + per, n_tiles)
+    else:
+        lo_t = 0
+        hi_t = n_tiles
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    bt_row = bt_ptr + req.to(tl.int64) * stride_bt
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, q_start,
+                            lo_t, tl.minimum(hi_t, n_full), seq_len, qk_scale,
+                            stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d,
+                            BLOCK_N, BLOCK_SIZE, DIRECT_KV, False, DOT_PREC)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, q_start,
+                            tl.maximum(lo_t, n_full), hi_t, seq_len, qk_scale,
+                            stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d,
+                            BLOCK_N, BLOCK_SIZE, DIRECT_KV, True, DOT_PREC)
+
+    if SPLIT:
+        pidx = tok * stride_pt + head * stride_ph + split
+        tl.store(part_m_ptr + pidx, m_i, mask=row_ok)
+        tl.store(part_l_ptr + pidx, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + pidx[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=row_ok[:, None])
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + o_cols, out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["num_reqs_pad", "num_splits"])
+def split_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr,
+                        num_reqs_pad, num_splits, stride_ot, stride_oh, stride_pt, stride_ph,
+                        HEAD_DIM: tl.constexpr, S_PAD: tl.constexpr):
+    """Grid ``(num_tokens, num_heads)``: combine the split partials; padding tokens get 0."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    real = t < tl.load(qsl_ptr + num_reqs_pad)
+    smask = offs_s < tl.where(real, num_splits, 0)  # padding token: no split is read
+    base = t * stride_pt + h * stride_ph
+    m = tl.load(part_m_ptr + base + offs_s, mask=smask, other=float("-inf"))
+    live = smask & (m > float("-inf"))
+    m_max = tl.max(m, 0)
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(live, tl.math.exp2(m - m_ref), 0.0)
+    l_sum = tl.sum(w * tl.load(part_l_ptr + base + offs_s, mask=live, other=0.0), 0)
+    acc = tl.load(part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=live[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(l_sum > 0.0, l_sum, 1.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                    stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_cb, stride_ct, stride_ch,
+                    NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr):
+    """Grid ``(num_tokens,)``: copy token t's K and V (all heads) to its slot; slot -1 skips."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = (offs_h < NUM_KV_HEADS)[:, None]
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct \
+        + offs_h[:, None] * stride_ch + offs_d[None, :]
+    k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)

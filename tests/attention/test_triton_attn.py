@@ -1,0 +1,168 @@
+"""The Triton backend against the torch reference (CPU: Triton interpreter, small shapes)."""
+import math
+
+import pytest
+import torch
+
+from attention.triton_attn import (TritonAttentionBackend, choose_num_splits, fit_shared_memory,
+                                   prefill_config, unified_attention, write_kv_cache_triton)
+from attention.torch_ref import write_kv_cache
+from tests.attention.batch_utils import dense_reference, make_batch, rel_err, torch_reference_backend
+
+DEVICE = "cuda" if torch.accelerator.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    TritonAttentionBackend.unsupported_reason(DEVICE, torch.float32, 64, 16) is not None,
+    reason=str(TritonAttentionBackend.unsupported_reason(DEVICE, torch.float32, 64, 16)))
+
+
+def _run(b, heads=(8, 2), head_dim=64, splits=None, min_split_tokens=16):
+    be = TritonAttentionBackend(heads[0], heads[1], head_dim, 1 / math.sqrt(head_dim))
+    be.num_splits_override, be.min_split_tokens = splits, min_split_tokens
+    return be(b.q, b.k, b.v, b.kv_cache, b.md)
+
+
+def _reference(b, heads=(8, 2), head_dim=64):
+    cache = b.kv_cache.clone()
+    ref = torch_reference_backend(heads[0], heads[1], head_dim, 1 / math.sqrt(head_dim))
+    return ref(b.q, b.k, b.v, cache, b.md)
+
+
+# decodes + prefill chunks over cached prefixes, padded requests and tokens
+MIXED = ([1, 6, 1, 19, 3], [37, 0, 5, 26, 70])
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+def test_mixed_batch_matches_reference(block_size: int, splits: int) -> None:
+    b = make_batch(*MIXED, block_size=block_size, pad_reqs=2, pad_tokens=3, device=DEVICE,
+                   seed=block_size + splits)
+    ref = _reference(b)
+    out = _run(b, splits=splits)
+    assert rel_err(out[:b.md.num_actual_tokens], ref[:b.md.num_actual_tokens]) < 1e-5
+    assert torch.count_nonzero(out[b.md.num_actual_tokens:]) == 0  # padding rows are zeros
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("splits", [1, 4])
+def test_pure_decode_with_padding(splits: int) -> None:
+    b = make_batch([1, 1, 1, 1], [3, 50, 17, 96], pad_reqs=3, pad_tokens=3, device=DEVICE, seed=7)
+    ref = _reference(b)
+    out = _run(b, splits=splits)
+    assert rel_err(out, ref) < 1e-5
+    assert torch.count_nonzero(out[4:]) == 0
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("heads,head_dim", [((4, 4), 128), ((6, 2), 32), ((8, 1), 64)])
+def test_head_layouts(heads: tuple[int, int], head_dim: int) -> None:
+    """MHA with head_dim 128, a non-power-of-two group (3), MQA."""
+    b = make_batch([1, 9, 2], [20, 7, 0], num_heads=heads[0], num_kv_heads=heads[1],
+                   head_dim=head_dim, device=DEVICE, seed=head_dim)
+    ref = _reference(b, heads, head_dim)
+    out = _run(b, heads, head_dim, splits=2)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("splits", [1, 3])
+def test_nan_in_unread_cache_slots_never_leaks(splits: int) -> None:
+    """Slots no request may read (block tails, spare blocks, the null block) hold NaN."""
+    b = make_batch([1, 5, 1], [30, 12, 0], block_size=16, pad_reqs=1, pad_tokens=2,
+                   device=DEVICE, poison=float("nan"), seed=3)
+    ref = dense_reference(b.q, b.k, b.v, b.kv_cache, b.md, 1 / 8)
+    out = _run(b, splits=splits)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.cpu
+def test_profiling_without_cache() -> None:
+    b = make_batch([7, 1, 12], [0, 0, 0], pad_reqs=1, pad_tokens=2, device=DEVICE, seed=5)
+    be = TritonAttentionBackend(8, 2, 64, 0.125)
+    out = be(b.q, b.k, b.v, None, b.md)
+    ref = dense_reference(b.q, b.k, b.v, None, b.md, 0.125)
+    assert rel_err(out, ref) < 1e-5
+    assert torch.count_nonzero(out[20:]) == 0
+
+
+@pytest.mark.cpu
+def test_kv_write_matches_torch_and_skips_padding() -> None:
+    b = make_batch([3, 1, 4], [5, 9, 0], block_size=16, pad_tokens=4, device=DEVICE, seed=11)
+    ours, theirs = b.kv_cache.clone(), b.kv_cache.clone()
+    write_kv_cache_triton(b.k, b.v, ours, b.md.slot_mapping)
+    write_kv_cache(b.k, b.v, theirs, b.md.slot_mapping)
+    torch.testing.assert_close(ours[:, b.written], theirs[:, b.written], rtol=0, atol=0)
+    # everything else, the null block included (torch parks padding there), is untouched
+    torch.testing.assert_close(ours[:, ~b.written], b.kv_cache[:, ~b.written], rtol=0, atol=0)
+
+
+@pytest.mark.cpu
+def test_kv_write_from_strided_views() -> None:
+    """k/v as column slices of a fused qkv projection output."""
+    b = make_batch([4], [2], device=DEVICE)
+    qkv = torch.randn(4, 12, 64, device=DEVICE)
+    k, v = qkv[:, 8:10], qkv[:, 10:12]
+    cache = b.kv_cache.clone()
+    write_kv_cache_triton(k, v, cache, b.md.slot_mapping)
+    slots = b.md.slot_mapping
+    flat = cache.view(2, -1, 2, 64)
+    torch.testing.assert_close(flat[0, slots], k)
+    torch.testing.assert_close(flat[1, slots], v)
+
+
+@pytest.mark.cpu
+def test_forced_split_equals_no_split_bitwise_close() -> None:
+    b = make_batch([1, 1], [200, 130], device=DEVICE, seed=2)
+    md, scale = b.md, 0.125
+    one = unified_attention(b.q, b.k, b.v, b.kv_cache, md, scale, num_splits=1)
+    many = unified_attention(b.q, b.k, b.v, b.kv_cache, md, scale, num_splits=5,
+                             min_split_tokens=32)
+    assert rel_err(many, one) < 1e-6
+
+
+@pytest.mark.cpu
+def test_split_heuristic_depends_on_shapes_only() -> None:
+    assert choose_num_splits(8, 132) == 33  # 1 request x 8 KV heads: fill 2 programs per SM
+    assert choose_num_splits(128, 132) == 3
+    assert choose_num_splits(512, 132) == 1
+    assert choose_num_splits(1, 1000) == 64  # capped
+    cfg = prefill_config(4, 128, torch.bfloat16, 4096)
+    assert (cfg.block_m, cfg.block_q) == (128, 32)
+    assert prefill_config(4, 128, torch.bfloat16, 2).block_m == 16  # spec-decode sized tiles
+
+
+@pytest.mark.cpu
+def test_tiles_shrink_to_the_shared_memory_of_smaller_gpus() -> None:
+    cfg = prefill_config(4, 128, torch.bfloat16, 8192)
+    assert fit_shared_memory(cfg, 128, 2, 232448) == cfg  # H100: the tuned tiles
+    a100 = fit_shared_memory(cfg, 128, 2, 166912)
+    assert (a100.block_m, a100.block_n, a100.num_stages) == (128, 128, 2)
+    small = fit_shared_memory(cfg, 128, 2, 101376)
+    assert (small.block_m + 2 * small.num_stages * small.block_n) * 128 * 2 <= 101376
+    assert small.block_m == small.block_q * 4  # rows stay tokens x group heads
+    assert fit_shared_memory(cfg, 128, 2, None) == cfg  # interpreter: no limit
+
+
+@pytest.mark.cpu
+def test_unsupported_reasons() -> None:
+    ok = TritonAttentionBackend.unsupported_reason
+    assert ok("cuda", torch.bfloat16, 96, 16) is not None  # head_dim
+    assert ok("cuda", torch.bfloat16, 128, 24) is not None  # block size
+    assert ok("cuda", torch.int8, 128, 16) is not None
+    assert ok("tpu", torch.bfloat16, 128, 16) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_gpu_half_precision(dtype: torch.dtype, block_size: int) -> None:
+    b = make_batch([1, 300, 1, 77, 1], [900, 0, 4000, 513, 31], num_heads=32, num_kv_heads=8,
+                   head_dim=128, block_size=block_size, pad_reqs=3, pad_tokens=5, device=DEVICE,
+                   dtype=dtype, seed=block_size)
+    ref = dense_reference(b.q, b.k, b.v, b.kv_cache, b.md, 128 ** -0.5)
+    for splits in (None, 1, 6):
+        out = _run(b, (32, 8), 128, splits=splits, min_split_tokens=256)
+        assert rel_err(out, ref.to(out.device)) < 1e-2
+        assert not torch.isnan(out).any()
