@@ -1,0 +1,48 @@
+"""Per-step input buffers, allocated once at their maximum size.
+
+Host staging arrays are filled with numpy, then copied into device tensors whose
+addresses never change (CUDA graphs replay on them). On the CPU the two are the same.
+With ``persistent=False`` each step uploads fresh device tensors instead (XLA: an in-place
+update of a device buffer would be traced into the step's graph).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class StepBuffers:
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int,
+                 device: torch.device, pin_memory: bool, persistent: bool = True) -> None:
+        self.device = device
+        self.same = device.type == "cpu"
+        self.persistent = persistent
+        specs = {
+            "input_ids": ((max_tokens,), torch.int64),
+            "positions": ((max_tokens,), torch.int64),
+            "slot_mapping": ((max_tokens,), torch.int64),
+            "query_start_loc": ((max_reqs + 1,), torch.int32),
+            "seq_lens": ((max_reqs,), torch.int32),
+            "block_table": ((max_reqs * max_blocks_per_req,), torch.int32),  # viewed [r, nb] per step
+            "logits_indices": ((max_reqs,), torch.int64),
+        }
+        self.host: dict[str, torch.Tensor] = {}
+        self.np: dict[str, np.ndarray] = {}
+        self.dev: dict[str, torch.Tensor] = {}
+        for name, (shape, dtype) in specs.items():
+            host = torch.zeros(shape, dtype=dtype, pin_memory=pin_memory and not self.same)
+            self.host[name] = host
+            self.np[name] = host.numpy()
+            if self.same or persistent:
+                self.dev[name] = host if self.same else torch.zeros(shape, dtype=dtype, device=device)
+
+    def to_device(self, name: str, n: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Copy the first ``n`` entries to the device; return the device view (``shape``: reshaped
+        on the host before a fresh upload, so XLA gets plain data rather than a view op)."""
+        if not (self.same or self.persistent):
+            host = self.host[name][:n]
+            return (host if shape is None else host.view(shape)).to(self.device)
+        dev = self.dev[name][:n]
+        if not self.same:
+            dev.copy_(self.host[name][:n], non_blocking=True)
+        return dev if shape is None else dev.view(shape)

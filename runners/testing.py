@@ -1,0 +1,253 @@
+"""The runner conformance suite, for in-tree devices and out-of-tree backends alike.
+
+Use it from any test module (pytest collects the inherited tests)::
+
+    from runners.testing import RunnerConformance
+
+    class TestMyRunner(RunnerConformance):
+        runner_cls = MyRunner
+        device = "mydevice"
+
+It drives ``execute_model`` with hand-built ``SchedulerOutput``s - prefill, decode, a
+mixed batch, chunked prefill, a prefix-cache hit, preemption and resume - and checks
+the greedy tokens against a plain reference (the same model recomputing the whole
+sequence each step on the CPU, no KV cache), plus the four-hook contract,
+``_dummy_run`` and KV-cache initialisation.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from attention.metadata import AttentionMetadata
+from attention.torch_ref import TorchAttentionBackend
+from engine.config import EngineConfig
+from engine.outputs import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.sampling_params import SamplingParams
+from runners.base import ModelRunnerBase
+
+HOOKS = frozenset({"_cache_device_properties", "load_model", "profile_run", "capture_model"})
+GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+
+
+def overridden_names(cls: type) -> set[str]:
+    """Methods/properties a class defines itself (dunders aside)."""
+    return {n for n, v in vars(cls).items() if not (n.startswith("__") and n.endswith("__"))
+            and (callable(v) or isinstance(v, (staticmethod, classmethod, property)))}
+
+
+def _prefill_md(n: int) -> AttentionMetadata:
+    qsl, lens = np.array([0, n], np.int32), np.array([n], np.int32)
+    return AttentionMetadata(torch.from_numpy(qsl), torch.from_numpy(lens), torch.zeros(1, 1, dtype=torch.int32),
+                             torch.full((n,), -1, dtype=torch.int64), n, n, n, 1, qsl, lens)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_model(model_dir: str) -> torch.nn.Module:
+    from models.loader import load_model
+
+    return load_model(model_dir, torch.float32, torch.device("cpu"), TorchAttentionBackend)
+
+
+@torch.inference_mode()
+def reference_greedy(model_dir: str, prompt: tuple[int, ...], n: int) -> list[int]:
+    """n greedy tokens by full recomputation on the CPU in float32 (no paging, no batching)."""
+    model = _reference_model(model_dir)
+    ids = list(prompt)
+    for _ in range(n):
+        t = torch.tensor(ids)
+        hidden = model(t, torch.arange(len(ids)), [None] * model.config.num_hidden_layers, _prefill_md(len(ids)))
+        ids.append(int(model.compute_logits(hidden[-1:]).float().argmax(-1)))
+    return ids[len(prompt):]
+
+
+class StepBuilder:
+    """Hands out blocks and writes SchedulerOutputs the way a scheduler would."""
+
+    def __init__(self, runner: ModelRunnerBase) -> None:
+        self.bs = runner.block_size
+        self.free = list(range(runner.num_kv_blocks - 1, 0, -1))  # block 0 is the null block
+        self.blocks: dict[str, list[int]] = {}
+        self.known: set[str] = set()
+        self.finished: set[str] = set()
+        self.preempted: set[str] = set()
+
+    def _grow(self, rid: str, upto: int) -> list[int]:
+        have = self.blocks.setdefault(rid, [])
+        new = [self.free.pop() for _ in range(-(-upto // self.bs) - len(have))]
+        have.extend(new)
+        return new
+
+    def step(self, new: list[tuple[str, list[int], int, int]] = (), cached: list[tuple[str, int, int]] = (),
+             shared: dict[str, list[int]] | None = None, resumed: set[str] = frozenset()) -> SchedulerOutput:
+        """new: (id, prompt, num_computed, num_tokens); cached: (id, num_computed, num_tokens).
+        ``shared[id]`` gives a new request's prefix blocks (a cache hit) before its own."""
+        news, cd, sched = [], CachedRequestData(), {}
+        for rid, prompt, computed, n in new:
+            self.blocks[rid] = list((shared or {}).get(rid, []))
+            self._grow(rid, computed + n)
+            news.append(NewRequestData(rid, list(prompt), GREEDY, list(self.blocks[rid]), computed))
+            self.known.add(rid)
+            sched[rid] = n
+        for rid, computed, n in cached:
+            if rid in resumed:
+                self.blocks[rid] = []
+                self._grow(rid, computed + n)
+                blocks = list(self.blocks[rid])
+            else:
+                blocks = self._grow(rid, computed + n)
+            cd.req_ids.append(rid)
+            cd.resumed_from_preemption.append(rid in resumed)
+            cd.new_block_ids.append(blocks)
+            cd.num_computed_tokens.append(computed)
+            sched[rid] = n
+        out = SchedulerOutput(news, cd, sched, sum(sched.values()), self.finished, self.preempted)
+        self.finished, self.preempted = set(), set()
+        return out
+
+    def finish(self, rid: str) -> None:
+        self.free.extend(self.blocks.pop(rid))
+        self.finished.add(rid)
+
+    def preempt(self, rid: str) -> None:
+        self.free.extend(self.blocks.pop(rid))
+        self.preempted.add(rid)
+
+
+class RunnerConformance:
+    """Inherit it in a test class and set ``runner_cls`` (and ``device`` if it is not the
+    current platform's). Float32 by default so greedy tokens must match exactly."""
+
+    runner_cls: ClassVar[type[ModelRunnerBase]]
+    device: ClassVar[str | None] = None
+    dtype: ClassVar[str] = "float32"
+    engine_args: ClassVar[dict[str, Any]] = {}
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model_dir(cls) -> str:
+        from models.default import default_model_dir
+
+        return default_model_dir()
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def runner(cls, model_dir: str) -> ModelRunnerBase:
+        args = dict(model=model_dir, device=cls.device, dtype=cls.dtype, block_size=16, num_kv_blocks=64,
+                    max_num_seqs=8, max_num_batched_tokens=128, max_model_len=256)
+        args.update(cls.engine_args)
+        runner = cls.runner_cls(EngineConfig(**args))
+        runner.initialize()
+        return runner
+
+    @pytest.fixture
+    def steps(self, runner: ModelRunnerBase):
+        builder = StepBuilder(runner)
+        yield builder
+        for rid in list(builder.blocks):  # leave the runner empty for the next test
+            builder.finish(rid)
+        runner.execute_model(builder.step())
+        assert runner.input_batch.num_active == 0 and not runner.requests
+
+    @staticmethod
+    def prompt(seed: int, n: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, 256, (n,), generator=g).tolist()
+
+    @staticmethod
+    def tokens(out, rid: str) -> list[int]:
+        return out.sampled_token_ids[out.req_ids.index(rid)]
+
+    def decode(self, runner, steps, live: dict[str, list[int]], n: int) -> None:
+        """n decode steps for every request in ``live`` (id -> generated tokens, appended to)."""
+        for _ in range(n):
+            cached = [(r, runner.input_batch.num_tokens[runner.requests[r].row] - 1, 1) for r in live]
+            out = runner.execute_model(steps.step(cached=cached))
+            for rid, toks in live.items():
+                toks.extend(self.tokens(out, rid))
+
+    # The contract ---------------------------------------------------------------------
+    def test_overrides_only_the_four_hooks(self) -> None:
+        for cls in self.runner_cls.__mro__:
+            if cls is ModelRunnerBase:
+                break
+            extra = overridden_names(cls) - HOOKS
+            assert not extra, f"{cls.__name__} defines {sorted(extra)} beyond the four hooks"
+
+    def test_kv_cache_initialised_to_spec(self, runner: ModelRunnerBase) -> None:
+        spec = runner.get_kv_cache_spec()
+        assert len(runner.kv_caches) == spec.num_layers
+        shape = (2, runner.num_kv_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        for kv in runner.kv_caches:
+            assert tuple(kv.shape) == shape and kv.dtype == spec.dtype and kv.device.type == runner.device.type
+        assert spec.bytes_per_block == 2 * spec.num_layers * spec.block_size * spec.num_kv_heads * \
+            spec.head_dim * kv.element_size()
+
+    def test_dummy_run_leaves_the_cache_untouched(self, runner: ModelRunnerBase) -> None:
+        before = [kv[:, 1:].clone() for kv in runner.kv_caches]  # all but the null block
+        hidden = runner._dummy_run(37, 5)
+        assert hidden.shape[0] >= 37 and hidden.shape[1] == runner.model_config.hidden_size
+        assert all(torch.equal(b, kv[:, 1:]) for b, kv in zip(before, runner.kv_caches))
+
+    # Execution --------------------------------------------------------------------------
+    def test_prefill_then_decode(self, runner, steps, model_dir) -> None:
+        p = self.prompt(1, 21)
+        out = runner.execute_model(steps.step(new=[("a", p, 0, len(p))]))
+        toks = {"a": self.tokens(out, "a")}
+        self.decode(runner, steps, toks, 7)
+        assert toks["a"] == reference_greedy(model_dir, tuple(p), 8)
+
+    def test_mixed_batch_and_chunked_prefill(self, runner, steps, model_dir) -> None:
+        pa, pb = self.prompt(2, 9), self.prompt(3, 40)
+        out = runner.execute_model(steps.step(new=[("a", pa, 0, len(pa))]))
+        live = {"a": self.tokens(out, "a")}
+        done = 0
+        for chunk in (13, 13, 14):  # b's prompt in three chunks, each beside a's decode
+            new = [("b", pb, 0, chunk)] if done == 0 else []
+            cached = [("a", len(pa) + len(live["a"]) - 1, 1)] + ([("b", done, chunk)] if done else [])
+            out = runner.execute_model(steps.step(new=new, cached=cached))
+            live["a"] += self.tokens(out, "a")
+            done += chunk
+            assert (self.tokens(out, "b") == []) == (done < len(pb)), "a partial prefill samples nothing"
+        live["b"] = self.tokens(out, "b")
+        self.decode(runner, steps, live, 4)
+        assert live["a"] == reference_greedy(model_dir, tuple(pa), len(live["a"]))
+        assert live["b"] == reference_greedy(model_dir, tuple(pb), 5)
+
+    def test_prefix_cache_hit(self, runner, steps, model_dir) -> None:
+        shared, bs = self.prompt(4, 32), runner.block_size
+        pa, pb = shared + self.prompt(5, 6), shared + self.prompt(6, 9)
+        out = runner.execute_model(steps.step(new=[("a", pa, 0, len(pa))]))
+        hit = steps.blocks["a"][: len(shared) // bs]  # full blocks of the shared prefix
+        out = runner.execute_model(steps.step(new=[("b", pb, len(shared), len(pb) - len(shared))],
+                                              cached=[("a", len(pa), 1)], shared={"b": hit}))
+        live = {"b": self.tokens(out, "b")}
+        self.decode(runner, steps, live, 3)
+        assert live["b"] == reference_greedy(model_dir, tuple(pb), 4)
+
+    def test_preemption_and_resume(self, runner, steps, model_dir) -> None:
+        p = self.prompt(7, 19)
+        out = runner.execute_model(steps.step(new=[("a", p, 0, len(p))]))
+        live = {"a": self.tokens(out, "a")}
+        self.decode(runner, steps, live, 3)
+        steps.preempt("a")
+        runner.execute_model(steps.step())
+        assert runner.requests["a"].row is None, "a preempted request gives its row back"
+        n = len(p) + len(live["a"])  # recompute every token (the last sampled one has no KV yet)
+        out = runner.execute_model(steps.step(cached=[("a", 0, n)], resumed={"a"}))
+        live["a"] += self.tokens(out, "a")
+        self.decode(runner, steps, live, 3)
+        assert live["a"] == reference_greedy(model_dir, tuple(p), 8)
+
+    def test_finished_requests_free_their_rows(self, runner, steps) -> None:
+        p = self.prompt(8, 5)
+        runner.execute_model(steps.step(new=[(r, p, 0, len(p)) for r in ("x", "y", "z")]))
+        assert runner.input_batch.num_active == 3
+        steps.finish("x")
+        steps.finish("z")
+        out = runner.execute_model(steps.step(cached=[("y", len(p), 1)]))
+        assert out.req_ids == ["y"] and runner.input_batch.num_active == 1 and set(runner.requests) == {"y"}

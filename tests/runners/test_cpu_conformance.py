@@ -1,0 +1,7 @@
+from runners.cpu import CPURunner
+from runners.testing import RunnerConformance
+
+
+class TestCPURunner(RunnerConformance):
+    runner_cls = CPURunner
+    device = "cpu"

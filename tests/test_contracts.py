@@ -1,0 +1,85 @@
+"""The architecture's rules, checked: four hooks per device runner, torch.cuda confined,
+engine/ torch-free."""
+import importlib
+import inspect
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from runners.base import ModelRunnerBase
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HOOKS = {"_cache_device_properties", "load_model", "profile_run", "capture_model"}
+DEVICE_RUNNERS = ["runners.cpu:CPURunner", "runners.gpu:GPURunner"]
+
+
+def _load(path):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("path", DEVICE_RUNNERS)
+def test_device_runner_overrides_only_the_four_hooks(path):
+    cls = _load(path)
+    assert issubclass(cls, ModelRunnerBase)
+    defined = {name for name, v in vars(cls).items()
+               if not (name.startswith("__") and name.endswith("__"))
+               and (callable(v) or isinstance(v, (staticmethod, classmethod, property)))}
+    assert defined == HOOKS, f"{path} defines {sorted(defined - HOOKS)} beyond the hooks"
+    for hook in HOOKS:  # and every hook really is implemented (not inherited abstract)
+        assert not getattr(getattr(cls, hook), "__isabstractmethod__", False)
+
+
+def test_base_declares_the_hooks_abstract():
+    assert HOOKS <= ModelRunnerBase.__abstractmethods__
+
+
+def test_torch_cuda_only_in_cuda_platform_and_gpu_runner():
+    allowed = {"platforms/cuda.py", "runners/gpu.py"}
+    offenders = []
+    for pkg in ("runners", "attention", "platforms", "models", "engine"):
+        for f in (ROOT / pkg).rglob("*.py"):
+            rel = f.relative_to(ROOT).as_posix()
+            if rel not in allowed and "torch.cuda" in f.read_text():
+                offenders.append(rel)
+    assert not offenders, f"torch.cuda used outside {sorted(allowed)}: {offenders}"
+
+
+def test_engine_imports_no_torch():
+    mods = [f"engine.{p.stem}" for p in (ROOT / "engine").glob("*.py") if p.stem != "__init__"]
+    code = (f"import sys, engine; import {', '.join(mods)}; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_engine_source_has_no_torch_import():
+    for f in (ROOT / "engine").rglob("*.py"):
+        for line in f.read_text().splitlines():
+            s = line.strip()
+            assert not (s.startswith("import torch") or s.startswith("from torch")), f"{f}: {line}"
+
+
+def test_base_stays_small():
+    n = len((ROOT / "runners" / "base.py").read_text().splitlines())
+    assert n < 700, f"runners/base.py has {n} lines"
+
+
+def test_public_functions_have_type_hints():
+    missing = []
+    for pkg in ("runners", "attention", "platforms", "models", "engine"):
+        for f in (ROOT / pkg).glob("*.py"):
+            mod = importlib.import_module(f"{pkg}.{f.stem}" if f.stem != "__init__" else pkg)
+            for name, obj in vars(mod).items():
+                if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                    continue
+                fns = [obj] if inspect.isfunction(obj) else (
+                    [v for k, v in vars(obj).items() if inspect.isfunction(v) and not k.startswith("_")]
+                    if inspect.isclass(obj) else [])
+                for fn in fns:
+                    if "return" not in fn.__annotations__:
+                        missing.append(f"{mod.__name__}.{fn.__qualname__}")
+    assert not missing, f"public functions without a return annotation: {missing}"
