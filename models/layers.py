@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.fused_ops import fused_add_rmsnorm, fused_norm_supported, fused_ops_enabled, silu_and_mul
+
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
@@ -54,7 +56,8 @@ def tp_all_gather(x: torch.Tensor, tp_size: int) -> torch.Tensor:
 
 class RMSNorm(nn.Module):
     """HF's RMSNorm (float32 statistics). With ``residual``, first adds it in the activations'
-    dtype (exactly HF's ``residual + h``) and returns ``(normed, new_residual)``."""
+    dtype (exactly HF's ``residual + h``) and returns ``(normed, new_residual)``. One fused
+    kernel where ``models.fused_ops`` says so; the torch code below is the reference."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -68,6 +71,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if fused_ops_enabled(x) and fused_norm_supported(x, self.weight, residual):
+            return fused_add_rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = residual + x
@@ -78,6 +83,8 @@ class SiluAndMul(nn.Module):
     """``[..., 2I] -> silu(first half) * second half``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops_enabled(x):
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -13,7 +13,7 @@ from attention.metadata import AttentionMetadata
 from models.config import ModelConfig
 from models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                            RowParallelLinear, SiluAndMul, VocabParallelEmbedding)
-from models.rotary import RotaryEmbedding, apply_rotary
+from models.rotary import RopeInputs, RotaryEmbedding, apply_rope
 
 
 class LlamaAttention(nn.Module):
@@ -32,8 +32,8 @@ class LlamaAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, d, d ** -0.5)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: RopeInputs, kv_cache: torch.Tensor | None,
+                md: AttentionMetadata) -> torch.Tensor:
         t = h.shape[0]
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -41,7 +41,7 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rope(q, k, rope)
         out = self.attn(q, k, v, kv_cache, md)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -67,13 +67,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, h = h, self.input_layernorm(h)
         else:
             h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(h, cos, sin, kv_cache, md)
+        h = self.self_attn(h, rope, kv_cache, md)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -91,10 +91,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor | None], md: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, h.dtype)
+        rope = self.rotary_emb.step_inputs(positions, h)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h, residual = layer(h, residual, cos, sin, kv_cache, md)
+            h, residual = layer(h, residual, rope, kv_cache, md)
         h, _ = self.norm(h, residual)
         return h
 

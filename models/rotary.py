@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+from models.fused_ops import fused_ops_enabled, rotary
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -53,6 +55,31 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos_cache.index_select(0, positions).to(dtype)
         sin = self.sin_cache.index_select(0, positions).to(dtype)
         return cos[:, None, :], sin[:, None, :]
+
+    def step_inputs(self, positions: torch.Tensor, x: torch.Tensor) -> RopeInputs:
+        """Once per step for every layer: the fused kernel looks cos/sin up by position itself;
+        the torch path gathers and casts them here (``x``: the activations, for device/dtype)."""
+        if fused_ops_enabled(x):
+            return RopeInputs(positions, self.cos_cache, self.sin_cache, None, None)
+        cos, sin = self.cos_sin(positions, x.dtype)
+        return RopeInputs(positions, self.cos_cache, self.sin_cache, cos, sin)
+
+
+class RopeInputs(NamedTuple):
+    """One step's rotary inputs; ``cos``/``sin`` (``[T, 1, D/2]``) are None on the fused path."""
+
+    positions: torch.Tensor
+    cos_cache: torch.Tensor
+    sin_cache: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q [T, Hq, D]`` and ``k [T, Hk, D]``: one fused launch, or ``apply_rotary`` twice."""
+    if rope.cos is None or rope.sin is None:
+        return rotary(q, k, rope.positions, rope.cos_cache, rope.sin_cache)
+    return apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""Triton kernels for the decoder's elementwise ops: residual add + RMSNorm, SiLU-and-mul, and
+neox RoPE on q and k. Launch logic and the torch-equivalence contract live in ``models.fused_ops``.
+
+Every kernel rounds where torch eager rounds (16-bit values are widened to float32 for each op
+and the result is cast back, as torch's ``opmath`` does), so 16-bit outputs match torch's
+bit for bit except where a float32 reduction or ``exp`` differs in its last bits.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# The interpreter's float32 -> bfloat16 cast truncates; GPUs round to nearest even, as torch does.
+_SOFT_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _cast(x, dt: tl.constexpr):
+    """float32 ``x`` to ``dt``, rounded to nearest even (emulated for bf16 in the interpreter)."""
+    if _SOFT_BF16 and dt == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        r = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(dt), r)
+    else:
+        return x.to(dt)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_cols, inner,
+                       stride_xa, stride_xb, stride_ra, stride_rb, eps,
+                       HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows ``[A, B, N]`` (row r = (r // inner, r % inner)); ``ROWS`` rows per program, the
+    whole row in one block. Outputs are contiguous ``[n_rows, N]``."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    a, b = rows // inner, rows % inner
+    x = tl.load(x_ptr + (a * stride_xa + b * stride_xb)[:, None] + cols[None, :], mask=mask, other=0.0)
+    out_offs = rows[:, None] * n_cols + cols[None, :]
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + (a * stride_ra + b * stride_rb)[:, None] + cols[None, :], mask=mask, other=0.0)
+        x = _cast(r.to(tl.float32) + x.to(tl.float32), x_ptr.dtype.element_ty)  # residual + x, rounded
+        tl.store(res_out_ptr + out_offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
+    normed = _cast(xf * rstd[:, None], x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
+    y = w.to(tl.float32)[None, :] * normed.to(tl.float32)  # exact in fp32, one rounding below
+    tl.store(out_ptr + out_offs, _cast(y, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+    """Grid ``(rows, cdiv(I, BLOCK))``: ``out[r, c] = silu(x[r, c]) * x[r, I + c]``."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    base = x_ptr + row * stride_x
+    g = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(base + n_cols + cols, mask=mask, other=0.0)
+    s = _cast(g / (1.0 + tl.exp(-g)), x_ptr.dtype.element_ty)  # torch: silu in fp32, rounded
+    y = s.to(tl.float32) * u.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, _cast(y, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate_heads(x_base, o_base, stride_h, stride_oh, cos, sin, offs_d, d_ok,
+                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr, H_PAD: tl.constexpr):
+    """All heads of one token: ``(x1*cos - x2*sin, x2*cos + x1*sin)``, each product and each
+    sum rounded to the activations' dtype, as torch eager does."""
+    offs_h = tl.arange(0, H_PAD)
+    mask = (offs_h < NUM_HEADS)[:, None] & d_ok[None, :]
+    src = x_base + offs_h[:, None] * stride_h + offs_d[None, :]
+    dt = o_base.dtype.element_ty
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    c, s = cos[None, :], sin[None, :]
+    o1 = _cast(_cast(x1 * c, dt).to(tl.float32) - _cast(x2 * s, dt).to(tl.float32), dt)
+    o2 = _cast(_cast(x2 * c, dt).to(tl.float32) + _cast(x1 * s, dt).to(tl.float32), dt)
+    dst = o_base + offs_h[:, None] * stride_oh + offs_d[None, :]
+    tl.store(dst, o1, mask=mask)
+    tl.store(dst + HALF, o2, mask=mask)
+
+
+@triton.jit
+def rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr,
+                  stride_qt, stride_qh, stride_kt, stride_kh,
+                  stride_qot, stride_qoh, stride_kot, stride_koh, stride_cache,
+                  NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+                  HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    """Grid ``(tokens,)``: token t's q and k heads rotated by the cache rows of its position.
+    cos/sin are cast to the activations' dtype first (HF does), then widened for the products."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, HALF_PAD)
+    d_ok = offs_d < HALF
+    dt = qo_ptr.dtype.element_ty
+    cos = _cast(tl.load(cos_ptr + pos * stride_cache + offs_d, mask=d_ok, other=0.0).to(tl.float32), dt)
+    sin = _cast(tl.load(sin_ptr + pos * stride_cache + offs_d, mask=d_ok, other=0.0).to(tl.float32), dt)
+    cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+    _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, stride_qh, stride_qoh, cos, sin,
+                  offs_d, d_ok, NUM_Q_HEADS, HALF, HQ_PAD)
+    _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, stride_kh, stride_koh, cos, sin,
+                  offs_d, d_ok, NUM_K_HEADS, HALF, HK_PAD)
