@@ -32,7 +32,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str | None = None
     enforce_eager: bool = False
-    compilation: str = "none"  # "none" | "piecewise" (torch.compile, GPU)
+    load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
     cuda_graph_sizes: list[int] = field(default_factory=list)  # empty: the runner's default
 
     def __post_init__(self) -> None:
@@ -52,8 +52,8 @@ class EngineConfig:
                              f"got {self.long_prefill_token_threshold!r}")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        if self.compilation not in ("none", "piecewise"):
-            raise ValueError(f"compilation must be 'none' or 'piecewise', got {self.compilation!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for s in self.cuda_graph_sizes:

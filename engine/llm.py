@@ -8,7 +8,7 @@ from typing import Sequence
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -72,9 +72,10 @@ class LLM:
             bar = tqdm(total=len(requests), desc="generate", unit="req")
         self.stats = stats = GenerationStats()
         t_start = time.perf_counter()
+        metrics = {r.request_id: RequestMetrics(t_start) for r in requests}
         try:
             while self.scheduler.has_unfinished_requests():
-                finished = self._step(detoks, stats)
+                finished = self._step(detoks, stats, metrics)
                 if bar is not None and finished:
                     bar.update(finished)
             if self.scheduler.has_finished_requests():  # let the runner free their state now
@@ -83,9 +84,11 @@ class LLM:
             if bar is not None:
                 bar.close()
         stats.seconds = time.perf_counter() - t_start
-        return [self._output(r, detoks.get(r.request_id), p) for r, p in zip(requests, prompts)]
+        return [self._output(r, detoks.get(r.request_id), p, metrics[r.request_id])
+                for r, p in zip(requests, prompts)]
 
-    def _step(self, detoks: dict[str, IncrementalDetokenizer], stats: GenerationStats) -> int:
+    def _step(self, detoks: dict[str, IncrementalDetokenizer], stats: GenerationStats,
+              metrics: dict[str, RequestMetrics]) -> int:
         so = self.scheduler.schedule()
         if so.total_num_scheduled_tokens == 0 and not so.finished_req_ids:
             raise RuntimeError("the scheduler made no progress with requests still unfinished")
@@ -97,7 +100,8 @@ class LLM:
         t = time.perf_counter()
         out = self.runner.execute_model(so)
         finished = self.scheduler.update_from_output(so, out)
-        dt = time.perf_counter() - t
+        now = time.perf_counter()
+        dt = now - t
         stats.steps += 1
         if prefill:
             stats.prefill_tokens += prefill
@@ -111,6 +115,11 @@ class LLM:
             if not toks:
                 continue
             stats.output_tokens += len(toks)
+            m = metrics[rid]
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            m.num_output_tokens += len(toks)
             req = self.scheduler.get_request(rid)
             if out.logprobs is not None and out.logprobs[i] is not None:
                 req.logprobs.append(out.logprobs[i])
@@ -142,8 +151,8 @@ class LLM:
                              "leaves no room to generate")
         return Request(f"req-{next(self._ids)}", ids, params, self.model_config.eos_token_ids)
 
-    def _output(self, req: Request, detok: IncrementalDetokenizer | None,
-                prompt: str | list[int]) -> RequestOutput:
+    def _output(self, req: Request, detok: IncrementalDetokenizer | None, prompt: str | list[int],
+                metrics: RequestMetrics) -> RequestOutput:
         text = ""
         if detok is not None:
             detok.finish()  # flush a held-back tail (e.g. max_tokens cut a character short)
@@ -153,4 +162,4 @@ class LLM:
         comp = CompletionOutput(0, text, tokens, req.status.finish_reason, req.stop_reason, lp)
         return RequestOutput(req.request_id, prompt if isinstance(prompt, str) else None,
                              req.prompt_token_ids, [comp], req.status.finished,
-                             max(req.num_cached_tokens, 0))
+                             max(req.num_cached_tokens, 0), metrics)

@@ -103,13 +103,32 @@ def load_weights(model: LlamaForCausalLM, files: list[str]) -> None:
                         raise ValueError(f"tensor {hf_name!r} in {os.path.basename(file)}: {e}") from None
 
 
+def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights in place (``load_format="dummy"``: benchmarks of real shapes, no checkpoint):
+    norms 1, everything else N(0, std), drawn on the parameters' own device."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                g = torch.Generator(device=p.device).manual_seed(seed + i)
+                p.normal_(0.0, std, generator=g)
+
+
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
-               attn_backend: type[AttentionBackend], tp_rank: int = 0, tp_size: int = 1) -> LlamaForCausalLM:
+               attn_backend: type[AttentionBackend], tp_rank: int = 0, tp_size: int = 1,
+               load_format: str = "auto") -> LlamaForCausalLM:
     """The model of an HF directory, built directly on ``device`` in ``dtype`` (parameters are
-    ``torch.empty``; no second copy of the weights) and filled from its safetensors."""
+    ``torch.empty``; no second copy of the weights) and filled from its safetensors, or with
+    random weights when ``load_format="dummy"`` (only config.json is read)."""
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     config = ModelConfig.from_dir(model_dir)
-    files = safetensors_files(model_dir)
+    files = safetensors_files(model_dir) if load_format == "auto" else []
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(config, attn_backend, tp_rank, tp_size)
-    load_weights(model, files)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, files)
     return model.eval()
