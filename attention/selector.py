@@ -15,6 +15,7 @@ _REGISTRY: dict[str, str] = {
     "torch": "attention.torch_ref:TorchAttentionBackend",
     "triton": "attention.triton_attn:TritonAttentionBackend",
     "flash": "attention.flash_attn:FlashAttentionBackend",
+    "xla": "attention.xla_attn:XlaAttentionBackend",
 }
 
 

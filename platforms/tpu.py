@@ -8,10 +8,7 @@ from typing import Any, ClassVar
 import psutil
 import torch
 
-from attention.selector import register_backend
 from platforms.interface import Platform
-
-register_backend("xla", "attention.xla_attn:XlaAttentionBackend")  # static shapes; Pallas on a TPU
 
 
 def _xm() -> Any:

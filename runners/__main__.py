@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", default=None)
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
     g.add_argument("--enforce-eager", action="store_true")
     return p
 
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                   attention_backend=args.attention_backend, num_kv_blocks=args.num_kv_blocks,
-                  max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager)
         params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
         prompts = args.prompt or DEFAULT_PROMPTS
         outputs = llm.generate(prompts, params)

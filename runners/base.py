@@ -145,7 +145,8 @@ class ModelRunnerBase(ABC):
     def _build_model(self) -> torch.nn.Module:
         from models.loader import load_model
 
-        return load_model(self.config.model, self.dtype, self.device, self.attn_backend)
+        return load_model(self.config.model, self.dtype, self.device, self.attn_backend,
+                          load_format=self.config.load_format)
 
     def get_kv_cache_spec(self) -> KVCacheSpec:
         return self.kv_cache_spec

@@ -20,6 +20,20 @@ def default_graph_sizes(max_size: int) -> list[int]:
     return [s for s in sizes if s < max_size] + [max_size]
 
 
+def plan_decode_graphs(runner: "ModelRunnerBase") -> None:
+    """Choose the decode batch sizes to capture (``runner.graph_sizes``) and pad pure-decode steps
+    to them (``runner.decode_buckets``), when graphs can run: not ``enforce_eager``, a platform
+    with graphs and a graph-safe attention backend."""
+    runner.graph_sizes = []
+    if runner.config.enforce_eager or not runner.platform.supports_graphs \
+            or not runner.attn_backend.supports_graphs:
+        return
+    limit = min(runner.max_num_reqs, runner.max_num_tokens)
+    sizes = runner.config.cuda_graph_sizes or default_graph_sizes(limit)
+    runner.graph_sizes = sorted(s for s in sizes if s <= limit)
+    runner.decode_buckets = runner.graph_sizes or None
+
+
 def _replay(graph: Any, out: torch.Tensor, step: "StepInputs") -> torch.Tensor:
     graph.replay()
     return out

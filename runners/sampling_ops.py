@@ -77,7 +77,8 @@ def sample_inverse_cdf(vals: torch.Tensor, row_max: torch.Tensor, inv_temp: torc
     """
     c = torch.cumsum(_weights(vals, row_max, inv_temp, thr), dim=-1)
     target = uniform * c[:, -1:]
-    return torch.searchsorted(c, target, right=True).clamp_(max=vals.shape[1] - 1)
+    # == searchsorted(c, target, right=True); a compare-and-count lowers on every backend (XLA too)
+    return (c <= target).sum(-1, keepdim=True).clamp_(max=vals.shape[1] - 1)
 
 
 def sample_candidates(logits: torch.Tensor, num_candidates: int, inv_temp: torch.Tensor,
