@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from runners import ModelRunnerBase
+
+
+class ExampleRunner(ModelRunnerBase):
+    """The four hooks; everything else (batching, chunked prefill, prefix caching, sampling) is the base's."""
+
+    def _cache_device_properties(self) -> None:
+        self.example_units = 4
+
+    def load_model(self) -> None:
+        self.model = self._build_model()
+
+    def profile_run(self) -> int:
+        self._dummy_run(self.max_num_tokens, sample=True)
+        return self._num_kv_blocks_for(256 * self.kv_cache_spec.bytes_per_block, "the example's fixed 256 blocks")
+
+    def capture_model(self) -> None:
+        pass

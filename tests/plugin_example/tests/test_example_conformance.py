@@ -1,0 +1,8 @@
+"""The whole conformance suite for an out-of-tree runner: a few lines."""
+from runners.testing import RunnerConformance
+from runners_example_backend.runner import ExampleRunner
+
+
+class TestExampleRunner(RunnerConformance):
+    runner_cls = ExampleRunner
+    device = "example"

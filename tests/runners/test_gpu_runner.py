@@ -1,0 +1,84 @@
+"""GPURunner on a CUDA GPU: conformance (float32, exact greedy), CUDA graphs vs eager, HF parity in
+bf16, and KV sizing from the memory profile."""
+import copy
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from runners.testing import RunnerConformance
+from tests.hf_models import _hf_model, make_hf_model
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from runners.gpu import GPURunner  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (int(k),), generator=g).tolist() for k in torch.randint(5, 60, (n,), generator=g)]
+
+
+class TestGPURunnerTriton(RunnerConformance):
+    runner_cls = GPURunner
+    device = "cuda"
+    engine_args = {"attention_backend": "triton"}
+
+
+def test_graphs_captured_and_equal_to_eager():
+    args = dict(model=None, device="cuda", dtype="float32", attention_backend="triton", max_num_seqs=16,
+                max_model_len=512, num_kv_blocks=256)
+    graphs = LLM(**args)
+    assert graphs.runner.captured, "decode graphs were captured"
+    eager = LLM(**args, enforce_eager=True)
+    assert not eager.runner.captured
+    prompts = _prompts(11)
+    a = [o.outputs[0].token_ids for o in graphs.generate(prompts, GREEDY)]
+    b = [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)]
+    assert a == b
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash"])
+def test_bf16_runner_matches_hf(backend, tmp_path_factory):
+    """Greedy tokens of the first steps equal HF's (bf16 both), logits close."""
+    try:
+        model_dir = make_hf_model("llama3", tmp_path_factory.mktemp("llama3_d32"), hidden_size=256,
+                                  num_attention_heads=8, intermediate_size=512)  # head_dim 32
+        llm = LLM(model=model_dir, device="cuda", dtype="bfloat16",
+                  attention_backend=backend, max_model_len=256, num_kv_blocks=128)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    hf32 = copy.deepcopy(_hf_model(llm.config.model)).to("cuda")
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    logits = []
+    compute = llm.runner.model.compute_logits
+    llm.runner.model.compute_logits = lambda h: logits.append(compute(h)) or logits[-1]
+    prompt = _prompts(1, seed=3)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    ids = torch.tensor([prompt + out.outputs[0].token_ids], device="cuda")
+    with torch.no_grad():
+        ref = hf32(ids).logits[0, len(prompt) - 1:-1].float()
+        hf_bf16 = hf16(ids).logits[0, len(prompt) - 1:-1].float()
+    ours = torch.cat(logits).float()
+    assert out.outputs[0].token_ids[:2] == ref.argmax(-1)[:2].tolist()
+    err, hf_err = ((ours - ref).norm() / ref.norm()).item(), ((hf_bf16 - ref).norm() / ref.norm()).item()
+    print(f"\nbf16 logits vs fp32 ({backend}): ours {err:.2e}, HF bf16 {hf_err:.2e}")
+    assert err <= 1.5 * hf_err + 1e-3, f"ours {err:.3e} vs HF bf16 {hf_err:.3e} (both against fp32)"
+
+
+def test_kv_sizing_from_memory_profile():
+    llm = LLM(model=None, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.5, max_model_len=2048)
+    prof, spec = llm.runner.memory_profile, llm.runner.kv_cache_spec
+    print(f"\nKV sizing: {prof.describe()} -> {llm.num_kv_blocks} blocks of {spec.bytes_per_block} B")
+    assert prof.weights > 0 and prof.peak_activation > 0 and prof.total > 0
+    assert llm.num_kv_blocks == prof.kv_budget // spec.bytes_per_block
+    assert llm.num_kv_blocks * spec.bytes_per_block <= 0.5 * prof.total
+
+
+def test_cache_too_small_fails_at_start_with_the_figures():
+    with pytest.raises(RuntimeError, match="max_model_len=2048.*kv_cache_memory_bytes"):
+        LLM(model=None, device="cuda", max_model_len=2048, kv_cache_memory_bytes=2**20)
