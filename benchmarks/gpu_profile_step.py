@@ -1,0 +1,106 @@
+"""Where one step's time goes on a GPU: host vs device, and the top kernels (torch.profiler).
+
+    python benchmarks/gpu_profile_step.py [--batch 128] [--ctx 1024] [--backend flash]
+
+Llama-3-8B-shaped random bf16 weights (as gpu_throughput.py). Times (a) decode steps at ``--batch``
+requests of ``--ctx`` context through the engine loop, (b) one 8k-token prefill step, and prints
+per step: wall time, GPU kernel time, host time not covered by kernels, and the top kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.gpu_throughput import LLAMA3_8B, make_prompts
+
+
+def kernel_table(prof, steps: int, top: int = 12) -> tuple[float, str]:
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / steps / 1e3
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    rows = [f"  {e.self_device_time_total / steps / 1e3:8.3f} ms  {e.count // steps:4d}x  {e.key[:90]}"
+            for e in events[:top]]
+    return total, "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    from engine import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(LLAMA3_8B, f)
+        llm = LLM(model=d, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096,
+                  max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=args.backend)
+    sched, runner = llm.scheduler, llm.runner
+    print(f"backend {runner.attn_backend.name}, graphs {sorted(k[0] for k in runner.captured)[-3:]}")
+    prompts = make_prompts("profile", args.batch, args.ctx, 0)
+    from engine.request import Request
+
+    for i, p in enumerate(prompts):
+        sched.add_request(Request(f"p{i}", p, SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True)))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running) or sched.waiting:
+        so = sched.schedule()
+        sched.update_from_output(so, runner.execute_model(so))
+
+    def step() -> None:
+        so = sched.schedule()
+        sched.update_from_output(so, runner.execute_model(so))
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    wall = (time.perf_counter() - t) / args.steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+    gpu, top = kernel_table(prof, args.steps)
+    print(f"\n## decode, batch {args.batch}, context ~{args.ctx}: wall {wall:.2f} ms/step, "
+          f"GPU kernels {gpu:.2f} ms/step, not covered {wall - gpu:.2f} ms\n{top}")
+    # host-only cost of one step: everything but waiting for the GPU
+    so = sched.schedule()
+    t = time.perf_counter()
+    runner._update_states(so)
+    inputs = runner._prepare_inputs(so)
+    t_prep = time.perf_counter() - t
+    hidden = runner._forward(inputs)
+    torch.cuda.synchronize()
+    print(f"host: _update_states+_prepare_inputs {t_prep * 1e3:.2f} ms")
+    t = time.perf_counter()
+    md = runner.sampling_state.prepare(inputs.sample_rows)
+    print(f"host: sampling prepare {(time.perf_counter() - t) * 1e3:.2f} ms")
+    del hidden, md
+    for r in list(sched.running):
+        sched.finish_requests(r.request_id, r.status.__class__.FINISHED_ABORTED)
+    runner.execute_model(sched.schedule())
+    # one 8k-token prefill step
+    for i, p in enumerate(make_prompts("prefill", 2, 4096, 0)):
+        sched.add_request(Request(f"f{i}", p, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)))
+    so = sched.schedule()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        sched.update_from_output(so, runner.execute_model(so))
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1e3
+    gpu, top = kernel_table(prof, 1)
+    print(f"\n## prefill step of {so.total_num_scheduled_tokens} tokens: wall {wall:.1f} ms, "
+          f"GPU kernels {gpu:.1f} ms\n{top}")
+
+
+if __name__ == "__main__":
+    main()
