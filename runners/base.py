@@ -3,7 +3,6 @@ does not depend on the device. Device runners override four hooks, nothing else.
 from __future__ import annotations
 
 import functools
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -354,11 +353,3 @@ class ModelRunnerBase(ABC):
             logits = self.model.compute_logits(hidden[:num_reqs]).float()
             self.sampler(logits, self.sampling_state.prepare_dummy(num_reqs))
         return hidden
-
-    def timed(self, fn: Callable[[], object]) -> float:
-        """Seconds ``fn`` takes on this device (synchronised)."""
-        self.platform.synchronize()
-        t = time.perf_counter()
-        fn()
-        self.platform.synchronize()
-        return time.perf_counter() - t
