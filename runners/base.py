@@ -203,21 +203,15 @@ class ModelRunnerBase(ABC):
 
     def _update_states(self, so: SchedulerOutput) -> None:
         """Apply finished / preempted / new / cached requests to the persistent batch."""
-        ib, ss = self.input_batch, self.sampling_state
+        ib = self.input_batch
         for rid in so.finished_req_ids:
-            st = self.requests.pop(rid, None)
-            if st is not None and st.row is not None:
-                ib.remove(st.row)
-                ss.remove_request(st.row)
+            self._drop(rid)
         for rid in so.preempted_req_ids:
             st = self.requests.get(rid)
             if st is not None and st.row is not None:
                 self._park(st)
         for new in so.scheduled_new_reqs:
-            if new.req_id in self.requests:  # re-sent after preemption: forget the old state
-                old = self.requests.pop(new.req_id)
-                if old.row is not None:
-                    self._park(old)
+            self._drop(new.req_id)  # a known id sent as new replaces the old request
             st = RequestState(new.req_id, len(new.prompt_token_ids), new.sampling_params, None,
                               parked_tokens=np.asarray(new.prompt_token_ids, dtype=np.int32))
             self.requests[new.req_id] = st
@@ -230,6 +224,13 @@ class ModelRunnerBase(ABC):
             else:
                 ib.append_blocks(st.row, cached.new_block_ids[i])
                 ib.num_computed[st.row] = cached.num_computed_tokens[i]
+
+    def _drop(self, rid: str) -> None:
+        """Forget a request and free its row, if it has them."""
+        st = self.requests.pop(rid, None)
+        if st is not None and st.row is not None:
+            self.input_batch.remove(st.row)
+            self.sampling_state.remove_request(st.row)
 
     def _park(self, st: RequestState) -> None:
         """Drop a request's row but keep its tokens (preemption)."""
