@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+EXECUTOR_BACKENDS = ("uni", "mp", "external_launcher")
 
 
 @dataclass
@@ -15,6 +16,11 @@ class EngineConfig:
     the model's ``max_position_embeddings``. ``num_kv_blocks`` forces the KV pool size;
     ``kv_cache_memory_bytes`` forces its byte size; otherwise the runner's
     ``profile_run`` sizes it (``gpu_memory_utilization`` of device memory on GPUs).
+    ``tensor_parallel_size`` ranks each hold a shard of the model and of the KV cache;
+    ``distributed_executor_backend`` says how they run: ``"uni"`` (this process, one rank),
+    ``"mp"`` (one spawned process per rank; the default when tensor_parallel_size > 1) or
+    ``"external_launcher"`` (every rank is a process started by torchrun that builds its own
+    engine and runs the same schedule).
     """
 
     model: str | None = None
@@ -34,6 +40,8 @@ class EngineConfig:
     enforce_eager: bool = False
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
     cuda_graph_sizes: list[int] = field(default_factory=list)  # empty: the runner's default
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -58,6 +66,21 @@ class EngineConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for s in self.cuda_graph_sizes:
             _positive("cuda_graph_sizes", s)
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS} (or None), "
+                             f"got {backend!r}")
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError(f"distributed_executor_backend='uni' runs one rank, but tensor_parallel_size="
+                             f"{self.tensor_parallel_size}: use 'mp' (or 'external_launcher' under torchrun)")
+
+    @property
+    def executor_backend(self) -> str:
+        """``distributed_executor_backend`` with its default filled in."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> "EngineConfig":

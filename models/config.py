@@ -47,6 +47,24 @@ class ModelConfig:
     sliding_window: int | None = None
     path: str | None = field(default=None, compare=False)
 
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """ValueError unless the model can be split over ``tp_size`` ranks: attention heads and
+        the MLP width divide evenly; KV heads divide evenly, or ranks are a multiple of them
+        (each KV head then replicated). The vocabulary is padded, so any size works there."""
+        where = f" of {self.path}" if self.path else ""
+        for name in ("num_attention_heads", "intermediate_size"):
+            if getattr(self, name) % tp_size:
+                raise ValueError(f"tensor_parallel_size={tp_size} does not divide {name}={getattr(self, name)}{where}")
+        kv = self.num_key_value_heads
+        if kv % tp_size and tp_size % kv:
+            raise ValueError(f"tensor_parallel_size={tp_size} neither divides num_key_value_heads={kv}{where} "
+                             "nor is a multiple of it (to replicate each KV head on the same number of ranks)")
+
+    def kv_heads_per_rank(self, tp_size: int) -> int:
+        """KV heads one rank holds: an even split, or 1 (replicated) when ranks outnumber them."""
+        self.check_tensor_parallel(tp_size)
+        return max(self.num_key_value_heads // tp_size, 1)
+
     @property
     def rope_type(self) -> str:
         return self.rope_scaling["rope_type"] if self.rope_scaling else "default"

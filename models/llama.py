@@ -10,6 +10,7 @@ from torch import nn
 
 from attention.backend import AttentionBackend
 from attention.metadata import AttentionMetadata
+from distributed import TPGroup
 from models.config import ModelConfig
 from models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                            RowParallelLinear, SiluAndMul, VocabParallelEmbedding)
@@ -17,15 +18,15 @@ from models.rotary import RopeInputs, RotaryEmbedding, apply_rope
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], tp: TPGroup) -> None:
         super().__init__()
         d = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, d, config.num_attention_heads,
-                                          config.num_key_value_heads, config.attention_bias, tp_rank, tp_size)
+                                          config.num_key_value_heads, config.attention_bias, tp)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size, self.head_dim = self.qkv_proj.q_size, self.qkv_proj.kv_size, d
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size,
-                                        config.o_proj_bias, tp_rank, tp_size)
+                                        config.o_proj_bias, tp)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
@@ -47,23 +48,22 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], config.mlp_bias,
-                                                       tp_rank, tp_size)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], config.mlp_bias, tp)
         self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp_rank, tp_size)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], tp: TPGroup) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, attn_backend, tp_rank, tp_size)
-        self.mlp = LlamaMLP(config, tp_rank, tp_size)
+        self.self_attn = LlamaAttention(config, attn_backend, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -79,10 +79,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], tp: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_rank, tp_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend, tp_rank, tp_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
@@ -108,18 +108,15 @@ class LlamaForCausalLM(nn.Module):
         "gate_up_proj": (("gate_proj", 0), ("up_proj", 1)),
     }
 
-    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend],
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], tp: TPGroup | None = None) -> None:
         super().__init__()
-        if not 0 <= tp_rank < tp_size:
-            raise ValueError(f"tp_rank must be in [0, {tp_size}), got {tp_rank}")
         self.config = config
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.model = LlamaModel(config, attn_backend, tp_rank, tp_size)
+        self.tp = tp = tp or TPGroup.single()
+        self.model = LlamaModel(config, attn_backend, tp)
         if config.tie_word_embeddings:
             self.lm_head: VocabParallelEmbedding = self.model.embed_tokens
         else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_rank, tp_size)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor | None], md: AttentionMetadata) -> torch.Tensor:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Iterator
+import zlib
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 
 from attention.backend import AttentionBackend
+from distributed import TPGroup
 from models.config import ModelConfig
 from models.layers import default_weight_loader
 from models.llama import LlamaForCausalLM
@@ -67,66 +69,114 @@ def _is_harmless(model: LlamaForCausalLM, hf_name: str) -> bool:
     return model.config.tie_word_embeddings and hf_name == "lm_head.weight"
 
 
+def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The HF checkpoint's tensor names and full shapes for this config (Llama family)."""
+    h, d, inter, v = config.hidden_size, config.head_dim, config.intermediate_size, config.vocab_size
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+                            ("self_attn.o_proj", (h, q)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
+                            ("mlp.down_proj", (h, inter))):
+            out[f"{p}{name}.weight"] = shape
+        out[f"{p}input_layernorm.weight"] = out[f"{p}post_attention_layernorm.weight"] = (h,)
+        if config.attention_bias:
+            out.update({f"{p}self_attn.q_proj.bias": (q,), f"{p}self_attn.k_proj.bias": (kv,),
+                        f"{p}self_attn.v_proj.bias": (kv,)})
+        if config.o_proj_bias:
+            out[f"{p}self_attn.o_proj.bias"] = (h,)
+        if config.mlp_bias:
+            out.update({f"{p}mlp.gate_proj.bias": (inter,), f"{p}mlp.up_proj.bias": (inter,),
+                        f"{p}mlp.down_proj.bias": (h,)})
+        if config.qk_norm:
+            out[f"{p}self_attn.q_norm.weight"] = out[f"{p}self_attn.k_norm.weight"] = (d,)
+    return out
+
+
+def _plan(model: LlamaForCausalLM, hf_names: Iterable[str]) -> list[tuple[str, str, Any]]:
+    """(hf name, parameter name, shard id) for every tensor to copy. ValueError names the tensors
+    the model does not use, or those the checkpoint lacks, before anything is copied."""
+    params = dict(model.named_parameters())
+    needed = {(n, s) for n, p in params.items() for s in (getattr(p, "shard_ids", ()) or (None,))}
+    plan, unexpected = [], []
+    for hf_name in hf_names:
+        name, shard_id = _hf_to_param(model, hf_name)
+        if (name, shard_id) in needed:
+            plan.append((hf_name, name, shard_id))
+        elif not _is_harmless(model, hf_name):
+            unexpected.append(hf_name)
+    if unexpected:
+        raise ValueError(f"checkpoint has tensors the model does not use: {sorted(unexpected)}")
+    missing = sorted(_param_to_hf(model, n, s) for n, s in needed - {(n, s) for _, n, s in plan})
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors the model needs: {missing}")
+    return plan
+
+
+def _copy(param: torch.nn.Parameter, loaded: Any, shard_id: Any, hf_name: str, where: str) -> None:
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    try:
+        loader(param, loaded, shard_id)
+    except ValueError as e:
+        raise ValueError(f"tensor {hf_name!r} in {where}: {e}") from None
+
+
 def load_weights(model: LlamaForCausalLM, files: list[str]) -> None:
     """Copy every tensor of ``files`` into ``model`` through its parameters' weight loaders.
 
-    Names are checked before anything is copied: ValueError names the tensors the model
-    does not use, or those the checkpoint lacks; a shape mismatch names the tensor.
+    Tensors are opened as lazy slices, so a tensor-parallel rank reads only its own rows or
+    columns of each sharded weight. Names are checked before anything is copied (``_plan``);
+    a shape mismatch names the tensor and its file.
     """
-    params = dict(model.named_parameters())
-    needed = {(n, s) for n, p in params.items() for s in (getattr(p, "shard_ids", ()) or (None,))}
-    plan: dict[str, list[tuple[str, str, Any]]] = {file: [] for file in files}
-    unexpected = []
-    for file in files:  # check every name before copying anything
+    file_of: dict[str, str] = {}
+    for file in files:
         with safe_open(file, framework="pt") as f:
-            for hf_name in f.keys():
-                name, shard_id = _hf_to_param(model, hf_name)
-                if (name, shard_id) in needed:
-                    plan[file].append((hf_name, name, shard_id))
-                elif not _is_harmless(model, hf_name):
-                    unexpected.append(hf_name)
-    if unexpected:
-        raise ValueError(f"checkpoint has tensors the model does not use: {sorted(unexpected)}")
-    planned = {(name, shard_id) for entries in plan.values() for _, name, shard_id in entries}
-    missing = sorted(_param_to_hf(model, n, s) for n, s in needed - planned)
-    if missing:
-        raise ValueError(f"checkpoint lacks tensors the model needs: {missing}")
+            file_of.update(dict.fromkeys(f.keys(), file))
+    plan = _plan(model, file_of)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for file, entries in plan.items():
+        for file in files:
             with safe_open(file, framework="pt") as f:
-                for hf_name, name, shard_id in entries:
-                    param = params[name]
-                    loader = getattr(param, "weight_loader", default_weight_loader)
-                    try:
-                        loader(param, f.get_tensor(hf_name), shard_id)
-                    except ValueError as e:
-                        raise ValueError(f"tensor {hf_name!r} in {os.path.basename(file)}: {e}") from None
+                for hf_name, name, shard_id in plan:
+                    if file_of[hf_name] == file:
+                        _copy(params[name], f.get_slice(hf_name), shard_id, hf_name, os.path.basename(file))
 
 
 def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights in place (``load_format="dummy"``: benchmarks of real shapes, no checkpoint):
-    norms 1, everything else N(0, std), drawn on the parameters' own device."""
+    """Random weights (``load_format="dummy"``: benchmarks of real shapes, no checkpoint): every
+    HF tensor is drawn whole on the parameters' device from a seed of its name (norms are 1) and
+    goes through the same weight loaders, so each tensor-parallel size gives the same model."""
+    params = dict(model.named_parameters())
+    shapes = hf_tensor_shapes(model.config)
     with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
+        for hf_name, name, shard_id in _plan(model, shapes):
+            p = params[name]
+            full = torch.empty(shapes[hf_name], dtype=p.dtype, device=p.device)
+            if hf_name.endswith("norm.weight"):
+                full.fill_(1.0)
             else:
-                g = torch.Generator(device=p.device).manual_seed(seed + i)
-                p.normal_(0.0, std, generator=g)
+                g = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(hf_name.encode()))
+                full.normal_(0.0, std, generator=g)
+            _copy(p, full, shard_id, hf_name, "dummy weights")
+            del full
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
-               attn_backend: type[AttentionBackend], tp_rank: int = 0, tp_size: int = 1,
+               attn_backend: type[AttentionBackend], tp: TPGroup | None = None,
                load_format: str = "auto") -> LlamaForCausalLM:
-    """The model of an HF directory, built directly on ``device`` in ``dtype`` (parameters are
-    ``torch.empty``; no second copy of the weights) and filled from its safetensors, or with
-    random weights when ``load_format="dummy"`` (only config.json is read)."""
+    """The model of an HF directory (this rank's shard of it under tensor parallelism), built
+    directly on ``device`` in ``dtype`` (parameters are ``torch.empty``; no second copy of the
+    weights) and filled from its safetensors, or with random weights when ``load_format="dummy"``
+    (only config.json is read)."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     config = ModelConfig.from_dir(model_dir)
     files = safetensors_files(model_dir) if load_format == "auto" else []
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, attn_backend, tp_rank, tp_size)
+        model = LlamaForCausalLM(config, attn_backend, tp)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:

@@ -1,10 +1,13 @@
 """CUDA GPUs, and ROCm GPUs (same torch device type and ops; recognised by torch.version.hip)."""
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any, ClassVar
 
 import torch
 
+from platforms.symm_mem import DEFAULT_MAX_BYTES, SymmMemAllReduce
 from platforms.interface import AcceleratorPlatform
 
 
@@ -28,6 +31,21 @@ class CudaPlatform(AcceleratorPlatform):
 
     def multiprocessor_count(self) -> int:
         return torch.cuda.get_device_properties().multi_processor_count
+
+    def dist_backend(self) -> str:
+        return "nccl"  # RCCL under the same name on ROCm
+
+    def small_all_reduce(self, group: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        """Symmetric-memory all-reduce for messages up to ``RUNNERS_SYMM_MEM_MAX_BYTES``
+        (default 1 MiB; 0 turns it off) where every peer is reachable; else None (NCCL)."""
+        max_bytes = int(os.environ.get("RUNNERS_SYMM_MEM_MAX_BYTES", DEFAULT_MAX_BYTES))
+        if max_bytes <= 0 or torch.version.hip is not None:
+            return None
+        try:
+            return SymmMemAllReduce(group, device, dtype, max_bytes)
+        except Exception as e:  # noqa: BLE001 - any failure here only costs speed: keep NCCL
+            warnings.warn(f"symmetric-memory all-reduce unavailable, using NCCL for all sizes: {e}")
+            return None
 
     def graph_pool_handle(self) -> Any:
         return torch.cuda.graph_pool_handle()

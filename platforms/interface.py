@@ -77,6 +77,16 @@ class Platform:
     def set_device(self, index: int) -> None:
         raise NotImplementedError
 
+    # Tensor parallelism ----------------------------------------------------------------
+    def dist_backend(self) -> str:
+        """The ``torch.distributed`` backend for collectives between ranks on this device."""
+        return "gloo"
+
+    def small_all_reduce(self, group: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        """A faster all-reduce for small tensors (``distributed.SmallAllReduce``), or None to
+        use ``dist_backend``'s all-reduce for every size."""
+        return None
+
     # Graphs (where ``supports_graphs``) -----------------------------------------------
     def graph_pool_handle(self) -> Any:
         raise NotImplementedError(f"{self.name} has no graph capture")

@@ -19,6 +19,9 @@ class XpuPlatform(AcceleratorPlatform):
         xpu = getattr(torch, "xpu", None)
         return xpu is not None and xpu.is_available()
 
+    def dist_backend(self) -> str:
+        return "xccl" if getattr(torch.distributed, "is_xccl_available", lambda: False)() else "ccl"
+
     @property
     def supports_graphs(self) -> bool:  # type: ignore[override]
         return hasattr(torch.xpu, "XPUGraph")  # XPU graphs only where the installed torch has them

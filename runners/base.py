@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from attention import AttentionMetadata, get_attn_backend
+from distributed import TPGroup
 from engine.config import EngineConfig
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 from models.config import ModelConfig
@@ -62,9 +63,12 @@ class ModelRunnerBase(ABC):
     ``initialize()`` runs all four. Then ``execute_model`` once per step.
     """
 
-    def __init__(self, config: EngineConfig, platform: Platform | None = None) -> None:
+    def __init__(self, config: EngineConfig, platform: Platform | None = None, tp: TPGroup | None = None) -> None:
+        """``tp``: this rank's tensor-parallel group (a worker builds it); the model and the KV
+        cache then hold this rank's shard. The runner itself never communicates."""
         self.config = config
         self.platform = platform or resolve_platform(config.device)
+        self.tp = tp or TPGroup.single()
         index = config.device.split(":")[1] if config.device and ":" in config.device else None
         self.device = self.platform.device(int(index) if index is not None else None)
         if config.model is None:
@@ -86,7 +90,7 @@ class ModelRunnerBase(ABC):
             config.attention_backend, self.device.type, self.dtype, mc.head_dim, self.block_size,
             self.platform.attention_backends)
         self.kv_cache_spec = KVCacheSpec(mc.num_hidden_layers, self.block_size,
-                                         mc.num_key_value_heads, mc.head_dim, self.dtype)
+                                         mc.kv_heads_per_rank(self.tp.size), mc.head_dim, self.dtype)
         self.requests: dict[str, RequestState] = {}
         self.input_batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         self.sampling_state = SamplingState(self.max_num_reqs, mc.vocab_size, self.device,
@@ -144,7 +148,7 @@ class ModelRunnerBase(ABC):
     def _build_model(self) -> torch.nn.Module:
         from models.loader import load_model
 
-        return load_model(self.config.model, self.dtype, self.device, self.attn_backend,
+        return load_model(self.config.model, self.dtype, self.device, self.attn_backend, self.tp,
                           load_format=self.config.load_format)
 
     def get_kv_cache_spec(self) -> KVCacheSpec:

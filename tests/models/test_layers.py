@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from distributed import TPGroup
 from models.layers import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                            RMSNorm, RowParallelLinear, SiluAndMul, VocabParallelEmbedding)
 from models.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
@@ -16,7 +17,7 @@ def _rand(*shape):
 
 
 def _ranks(cls, *args, tp_size=2, **kwargs):
-    return [cls(*args, tp_rank=r, tp_size=tp_size, **kwargs) for r in range(tp_size)]
+    return [cls(*args, tp=TPGroup(r, tp_size), **kwargs) for r in range(tp_size)]
 
 
 def test_column_parallel_shards_concatenate_to_full():
@@ -73,10 +74,12 @@ def test_qkv_parallel_splits_heads(num_kv_heads):
 
 
 def test_qkv_rejects_indivisible_heads():
-    with pytest.raises(ValueError, match="num_heads"):
-        QKVParallelLinear(8, 2, 3, 1, tp_rank=0, tp_size=2)
-    with pytest.raises(ValueError, match="num_kv_heads"):
-        QKVParallelLinear(8, 2, 12, 3, tp_rank=0, tp_size=4)
+    with pytest.raises(ValueError, match="num_attention_heads=3 is not divisible by tensor_parallel_size=2"):
+        QKVParallelLinear(8, 2, 3, 1, tp=TPGroup(0, 2))
+    with pytest.raises(ValueError, match="neither divides num_key_value_heads=3"):
+        QKVParallelLinear(8, 2, 12, 3, tp=TPGroup(0, 4))
+    with pytest.raises(ValueError, match="rank must be in"):
+        TPGroup(2, 2)
 
 
 def test_row_parallel_partial_sums_equal_full():

@@ -17,6 +17,7 @@ LENGTHS = (9, 3, 17)
 def _worker(rank: int, model_dirs: list[str], out_dir: str, init_file: str) -> None:
     import torch.distributed as dist
 
+    from distributed import TPGroup
     from models.loader import load_model
     from tests.models.paged import REF_BACKEND, positions_of, prefill_metadata
 
@@ -24,8 +25,7 @@ def _worker(rank: int, model_dirs: list[str], out_dir: str, init_file: str) -> N
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=TP)
     try:
         for i, model_dir in enumerate(model_dirs):
-            model = load_model(model_dir, torch.float32, torch.device("cpu"), REF_BACKEND,
-                               tp_rank=rank, tp_size=TP)
+            model = load_model(model_dir, torch.float32, torch.device("cpu"), REF_BACKEND, TPGroup(rank, TP))
             ids = _ids(model.config.vocab_size)
             lengths = [len(s) for s in ids]
             with torch.no_grad():

@@ -1,18 +1,20 @@
-"""The offline API: ``LLM(model).generate(prompts)``. Imports torch only through the runner."""
+"""The offline API: ``LLM(model).generate(prompts)``: the scheduler loop over an executor's workers."""
 from __future__ import annotations
 
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.executor import Executor, WorkerInfo
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.tokenizer import load_tokenizer
+from models.config import ModelConfig
 
 
 @dataclass
@@ -37,21 +39,57 @@ class GenerationStats:
 
 
 class LLM:
-    """Builds the runner for the device, sizes the KV cache, and runs the scheduler loop."""
+    """Starts the workers through an executor (``distributed_executor_backend``), sizes the KV
+    cache, and runs the scheduler loop. ``model=None`` is the embedded tiny default model.
+
+    With ``tensor_parallel_size > 1`` the default executor spawns one process per rank: a script
+    that builds an ``LLM`` must then guard its top level with ``if __name__ == "__main__":``
+    (Python's spawn start method re-imports it). ``shutdown()`` (or ``with LLM(...) as llm:``)
+    stops the workers; garbage collection and interpreter exit do too.
+    """
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str = "auto",
                  **engine_args: object) -> None:
         self.config = EngineConfig.from_kwargs(model=model, device=device, dtype=dtype, **engine_args)
-        from runners import get_runner_cls  # torch enters here, not at `import engine`
+        if self.config.model is None:
+            from models.default import default_model_dir  # built once, here, before any worker starts
 
-        self.runner = get_runner_cls(device)(self.config)  # resolves model=None to the default
-        self.config.max_model_len = self.runner.max_model_len
-        self.model_config = self.runner.model_config
+            self.config.model = default_model_dir()
+        self.model_config = ModelConfig.from_dir(self.config.model)
+        self.model_config.check_tensor_parallel(self.config.tensor_parallel_size)
+        from workers import get_executor_cls
+
+        self.executor: Executor = get_executor_cls(self.config.executor_backend)(self.config)
+        try:
+            self.info: WorkerInfo = self.executor.initialize()
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.config.max_model_len = self.info.max_model_len
+        self.num_kv_blocks = self.info.num_kv_blocks
         self.tokenizer = load_tokenizer(self.config.model)
-        self.num_kv_blocks = self.runner.initialize()
         self.scheduler = Scheduler(self.config, self.num_kv_blocks)
         self._ids = itertools.count()
         self.stats = GenerationStats()
+
+    @property
+    def runner(self) -> Any:
+        """The model runner, where it lives in this process (the "uni" and "external_launcher"
+        executors); the "mp" executor's runners are in the worker processes."""
+        runner = getattr(self.executor, "runner", None)
+        if runner is None:
+            raise AttributeError(f"the {self.config.executor_backend!r} executor's runners live in worker processes")
+        return runner
+
+    def shutdown(self) -> None:
+        """Stop the workers (idempotent); the object cannot generate afterwards."""
+        self.executor.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def generate(self, prompts: Sequence[str | list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -79,7 +117,7 @@ class LLM:
                 if bar is not None and finished:
                     bar.update(finished)
             if self.scheduler.has_finished_requests():  # let the runner free their state now
-                self.runner.execute_model(self.scheduler.schedule())
+                self.executor.execute_model(self.scheduler.schedule())
         finally:
             if bar is not None:
                 bar.close()
@@ -98,7 +136,7 @@ class LLM:
             todo = req.num_prompt_tokens - (req.num_computed_tokens - n)
             prefill += min(max(todo, 0), n)
         t = time.perf_counter()
-        out = self.runner.execute_model(so)
+        out = self.executor.execute_model(so)
         finished = self.scheduler.update_from_output(so, out)
         now = time.perf_counter()
         dt = now - t

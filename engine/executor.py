@@ -1,0 +1,68 @@
+"""The executor interface: how the engine reaches the workers that run the model (torch-free).
+
+An executor owns one engine's workers (one per tensor-parallel rank). Implementations live
+below the engine, in ``workers``: ``UniProcExecutor`` (this process), ``MultiprocExecutor``
+(one spawned process per rank) and ``ExternalLauncherExecutor`` (torchrun started every rank).
+The engine only sees this contract:
+
+- ``__init__(config)`` starts the workers (processes, devices, ``torch.distributed``);
+- ``initialize()`` loads the model, sizes the KV cache (the minimum over ranks), allocates it
+  and warms up (graphs), and returns a ``WorkerInfo``;
+- ``execute_model(scheduler_output)`` runs one step on every rank and returns rank 0's
+  ``ModelRunnerOutput`` (every rank samples the same tokens);
+- ``shutdown()`` stops the workers and leaves no process behind; it is idempotent.
+
+A worker that raises or dies makes the call raise ``WorkerError`` naming the rank; the
+executor is then shut down (a collective left half-done cannot be resumed) and later
+calls raise at once.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.outputs import ModelRunnerOutput, SchedulerOutput
+
+
+class WorkerError(RuntimeError):
+    """A worker raised or died; ``rank`` says which (None: not one rank in particular)."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What rank 0 reports after ``initialize``: enough for the engine and a summary line."""
+
+    num_kv_blocks: int
+    max_model_len: int
+    device: str
+    platform: str
+    runner: str
+    attention_backend: str
+    dtype: str
+    tensor_parallel_size: int
+    num_graphs: int
+    memory: str | None = None  # the KV sizing arithmetic, where the runner measured memory
+
+
+class Executor(ABC):
+    """One engine's workers; see the module docstring for the contract."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def initialize(self) -> WorkerInfo:
+        """Load the model, size the KV cache (minimum over ranks), allocate it, warm up."""
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step on every rank; rank 0's output."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop every worker; idempotent."""

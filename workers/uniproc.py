@@ -1,0 +1,31 @@
+"""``UniProcExecutor``: one rank, in this process (no extra process, no process group)."""
+from __future__ import annotations
+
+from engine.config import EngineConfig
+from engine.executor import Executor, WorkerInfo
+from engine.outputs import ModelRunnerOutput, SchedulerOutput
+from runners import ModelRunnerBase
+from workers.worker import Worker
+
+
+class UniProcExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        if config.tensor_parallel_size != 1:
+            raise ValueError("UniProcExecutor runs one rank; tensor_parallel_size must be 1")
+        self.worker = Worker(config)
+        self.worker.init_device()
+
+    @property
+    def runner(self) -> ModelRunnerBase:
+        """The runner, in this process (tests and benchmarks reach into it)."""
+        return self.worker.runner
+
+    def initialize(self) -> WorkerInfo:
+        return self.worker.initialize()
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
