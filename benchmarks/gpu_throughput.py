@@ -1,6 +1,6 @@
 """Offline throughput on a GPU: our engine vs HF transformers' continuous batching, with roofline.
 
-    python benchmarks/gpu_throughput.py [--engine ours|hf|both] [--quick] [--decode-len N]
+    python benchmarks/gpu_throughput.py [--engine ours|hf|both] [--decode-len N] [--tp N]
 
 A Llama-3-8B-shaped model with random bf16 weights is made on the GPU (``load_format="dummy"``;
 only a config.json is written). Prompts are random token ids; greedy; EOS ignored. Prints a
@@ -67,9 +67,11 @@ def make_prompts(name: str, n_req: int, prompt_len: int, shared: int, seed: int 
 
 
 def floor_seconds(cfg: dict, n_req: int, prompt: int, out: int, shared: int, bw: float, flops: float,
-                  prefix_cached: bool) -> float:
+                  prefix_cached: bool, n_gpus: int = 1) -> float:
     """Lower bound: every decode step reads all weights once (out steps at least) plus the KV it
-    attends over; compute is 2 x params x tokens plus attention. The larger of the two times."""
+    attends over; compute is 2 x params x tokens plus attention. The larger of the two times,
+    with ``n_gpus`` GPUs' bandwidth and compute (tensor parallelism splits both evenly)."""
+    bw, flops = bw * n_gpus, flops * n_gpus
     h, L, kvh, hd = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
     inter, vocab, qh = cfg["intermediate_size"], cfg["vocab_size"], cfg["num_attention_heads"]
     params = L * (h * (qh + 2 * kvh) * hd + qh * hd * h + 3 * h * inter) + 2 * vocab * h
@@ -93,13 +95,13 @@ def run_ours(model_dir: str, workloads: dict, args) -> dict:
     t = time.perf_counter()
     llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 2048,
               max_num_seqs=256, max_num_batched_tokens=args.max_batched_tokens,
-              attention_backend=args.attention_backend)
+              attention_backend=args.attention_backend, tensor_parallel_size=args.tp)
     startup = time.perf_counter() - t
-    r = llm.runner
-    print(f"ours: startup {startup:.1f} s, backend {r.attn_backend.name}, KV blocks {llm.num_kv_blocks}, "
-          f"graphs {len(r.captured)}, memory: {r.memory_profile.describe()}", flush=True)
+    info = llm.info
+    print(f"ours: startup {startup:.1f} s, backend {info.attention_backend}, tp {info.tensor_parallel_size}, "
+          f"KV blocks {llm.num_kv_blocks}, graphs {info.num_graphs}, memory: {info.memory}", flush=True)
     llm.generate([[5] * 64] * 8, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    results = {"_startup_s": startup, "_backend": r.attn_backend.name, "_kv_blocks": llm.num_kv_blocks}
+    results = {"_startup_s": startup, "_backend": info.attention_backend, "_kv_blocks": llm.num_kv_blocks}
     for name, (n_req, plen, olen, shared) in workloads.items():
         llm.scheduler.reset_prefix_cache()
         prompts = make_prompts(name, n_req, plen, shared)
@@ -117,7 +119,8 @@ def run_ours(model_dir: str, workloads: dict, args) -> dict:
                              steps=llm.stats.steps)
         print(f"ours {name}: {dt:.2f} s, {results[name]['total_tps']:,.0f} tok/s total, "
               f"{results[name]['output_tps']:,.0f} out tok/s, {llm.stats.steps} steps", flush=True)
-    del llm, r
+    llm.shutdown()
+    del llm
     gc.collect()
     torch.cuda.empty_cache()
     return results
@@ -154,14 +157,15 @@ def run_hf(workloads: dict, args) -> dict:
     return results
 
 
-def table(ours: dict, hf: dict, bw: float, flops: float, workloads: dict, gpu: str) -> str:
+def table(ours: dict, hf: dict, bw: float, flops: float, workloads: dict, gpu: str, n_gpus: int = 1) -> str:
     lines = [f"GPU: {gpu}; measured copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; "
              f"our backend: {ours.get('_backend', '-')}", "",
              "| workload | ours tok/s (total / out) | TTFT med / p99 ms | TPOT med / p99 ms | HF CB tok/s (total / out) "
              "| ours / HF (out) | floor s | ours s | % of roofline |", "|" + "---|" * 9]
     for name, (n_req, plen, olen, shared) in workloads.items():
         o, p = ours.get(name), hf.get(name, {})
-        floor = floor_seconds(LLAMA3_8B, n_req, plen, olen, shared, bw, flops, prefix_cached=shared > 0)
+        floor = floor_seconds(LLAMA3_8B, n_req, plen, olen, shared, bw, flops, prefix_cached=shared > 0,
+                              n_gpus=n_gpus)
         if o is None:
             continue
         peer = (f"{p['total_tps']:,.0f} / {p['output_tps']:,.0f}" + (f" (out {p['output_len']})"
@@ -201,6 +205,7 @@ def main() -> None:
     ap.add_argument("--hf-attn", default="sdpa")
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
     ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of our engine (the peer runs on one GPU)")
     ap.add_argument("--only", default=None, help="comma-separated workload names")
     ap.add_argument("--merge", default=None, help="a throughput.json from an earlier run to merge")
     args = ap.parse_args()
@@ -219,7 +224,7 @@ def main() -> None:
             ours = run_ours(d, workloads, args)
     if args.engine in ("hf", "both"):
         hf = run_hf(workloads, args)
-    md = table(ours, hf, bw, flops, {**WORKLOADS, **workloads}, gpu)
+    md = table(ours, hf, bw, flops, {**WORKLOADS, **workloads}, gpu, args.tp)
     print(md)
     out = os.environ.get("OUT")
     if out:

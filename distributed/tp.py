@@ -50,7 +50,8 @@ class TPGroup:
             return x
         x = x.contiguous()
         out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        torch.distributed.all_gather_into_tensor(out, x, group=self.group)  # rank-major along dim 0
+        gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+        gather(out, x, group=self.group)  # rank-major along dim 0
         out = out.view(self.size, *x.shape).movedim(0, -2)
         return out.reshape(*x.shape[:-1], self.size * x.shape[-1])
 

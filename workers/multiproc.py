@@ -155,6 +155,7 @@ class MultiprocExecutor(Executor):
                 if isinstance(obj, int):
                     rank = by_sentinel[obj]
                     if rank in waiting:
+                        self._procs[rank].join(SHUTDOWN_GRACE_S)  # reap it, for its exit code
                         self._fail(f"worker rank {rank} (pid {self._procs[rank].pid}) died with exit code "
                                    f"{self._procs[rank].exitcode} during {method}", rank)
                     continue

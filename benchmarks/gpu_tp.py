@@ -1,0 +1,221 @@
+"""Tensor parallelism on several GPUs of one host: all-reduce latency, TP=1 vs TP=2 on the
+Llama-3-8B shape, and a Llama-3-70B shape that needs two H200s.
+
+    python benchmarks/gpu_tp.py allreduce   # NCCL vs symmetric memory, eager and in CUDA graphs
+    python benchmarks/gpu_tp.py 8b          # greedy TP=2 == TP=1, bs=1 decode at TP=1/2, mixed at TP=2
+    python benchmarks/gpu_tp.py 70b         # startup, KV blocks, bs=1 vs roofline, mixed at TP=2
+
+Random bf16 weights (``load_format="dummy"``: the same model at every TP size). Prints markdown
+tables; with OUT set also writes $OUT/tp_<part>.json. Keep NCCL_NVLS_ENABLE=0,
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 in the environment on shared hosts.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.gpu_throughput import LLAMA3_8B, WORKLOADS, floor_seconds, make_prompts, measure_roofline  # noqa: E402
+
+LLAMA3_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+              "num_attention_heads": 64, "num_key_value_heads": 8}
+
+
+def params_of(cfg: dict) -> int:
+    h, L, kvh, hd = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
+    qh, inter, vocab = cfg["num_attention_heads"], cfg["intermediate_size"], cfg["vocab_size"]
+    return L * (h * (qh + 2 * kvh) * hd + qh * hd * h + 3 * h * inter) + 2 * vocab * h
+
+
+# --- all-reduce latency ------------------------------------------------------------------------
+def _allreduce_rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from platforms.symm_mem import SymmMemAllReduce
+
+    torch.cuda.set_device(rank)
+    torch.manual_seed(0)  # every rank draws the same x, so the sum is world * x
+    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world,
+                            device_id=torch.device(f"cuda:{rank}"))
+    sizes = [8 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20, 2 << 20, 8 << 20, 32 << 20]
+    symm = SymmMemAllReduce(None, torch.device(f"cuda:{rank}"), torch.bfloat16, max(sizes))
+    rows = []
+    for nbytes in sizes:
+        x = torch.randn(nbytes // 2, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() * world
+        row = {"bytes": nbytes}
+        for name, fn in (("nccl", lambda t: dist.all_reduce(t) or t), ("symm", symm)):
+            y = fn(x.clone())
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            for mode in ("eager", "graph"):
+                n = 50
+                bufs = [x.clone() for _ in range(n)]
+                if mode == "graph":
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        for b in bufs:
+                            fn(b)
+                    run = g.replay
+                else:
+                    def run() -> None:
+                        for b in bufs:
+                            fn(b)
+                run()
+                torch.cuda.synchronize()
+                dist.barrier()
+                times = []
+                for _ in range(5):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    run()
+                    e.record()
+                    torch.cuda.synchronize()
+                    times.append(s.elapsed_time(e) * 1e3 / n)
+                row[f"{name}_{mode}_us"] = float(np.median(times))
+            row[f"{name}_relerr"] = err
+        rows.append(row)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+    dist.destroy_process_group()
+
+
+def part_allreduce() -> dict:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "ar.json")
+        mp.start_processes(_allreduce_rank, args=(2, f"file://{d}/store", out), nprocs=2, start_method="spawn")
+        rows = json.load(open(out))
+    print("\n| message | NCCL eager us | NCCL in graph us | symm-mem eager us | symm-mem in graph us | rel err (NCCL / symm) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['bytes'] >> 10} KiB | {r['nccl_eager_us']:.1f} | {r['nccl_graph_us']:.1f} | {r['symm_eager_us']:.1f} "
+              f"| {r['symm_graph_us']:.1f} | {r['nccl_relerr']:.0e} / {r['symm_relerr']:.0e} |")
+    return {"allreduce": rows}
+
+
+# --- engine runs ---------------------------------------------------------------------------------
+def _llm(model_dir: str, tp: int, backend: str | None, max_model_len: int = 4096):
+    from engine import LLM
+
+    t = time.perf_counter()
+    llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=max_model_len,
+              max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=backend, tensor_parallel_size=tp)
+    startup = time.perf_counter() - t
+    i = llm.info
+    print(f"tp={tp}: startup {startup:.1f} s, backend {i.attention_backend}, KV blocks {i.num_kv_blocks} x "
+          f"{llm.config.block_size}, graphs {i.num_graphs}, memory (rank 0): {i.memory}", flush=True)
+    return llm, startup
+
+
+def _free(llm) -> None:
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _bs1(llm, out_tokens: int = 256) -> float:
+    """Decode tokens/s of one request (32-token prompt), from its time per output token."""
+    from engine import SamplingParams
+
+    p = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
+    llm.generate([make_prompts("bs1-warm", 1, 32, 0)[0]], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate([make_prompts("bs1", 1, 32, 0)[0]], p, use_tqdm=False)
+    return 1.0 / outs[0].metrics.tpot
+
+
+def _mixed(llm, cfg: dict, bw: float, flops: float, tp: int) -> dict:
+    from engine import SamplingParams
+
+    n_req, plen, olen, shared = WORKLOADS["mixed"]
+    prompts = make_prompts("mixed", n_req, plen, shared)
+    llm.scheduler.reset_prefix_cache()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True), use_tqdm=False)
+    dt = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    floor = floor_seconds(cfg, n_req, plen, olen, shared, bw, flops, prefix_cached=False, n_gpus=tp)
+    return dict(seconds=dt, total_tps=(n_req * plen + n_out) / dt, output_tps=n_out / dt, floor_s=floor,
+                pct_floor=100 * floor / dt)
+
+
+def _greedy(llm) -> list[list[int]]:
+    from engine import SamplingParams
+
+    prompts = make_prompts("greedy", 8, 48, 0)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def part_engine(which: str, backend: str | None) -> dict:
+    bw, flops = measure_roofline()
+    cfg = LLAMA3_8B if which == "8b" else LLAMA3_70B
+    gpu = torch.cuda.get_device_name()
+    bytes_per_token = params_of(cfg) * 2
+    res: dict = {"gpu": gpu, "bw": bw, "flops": flops, "model": which}
+    print(f"{gpu} x{torch.cuda.device_count()}: copy {bw / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s; "
+          f"{which}: {params_of(cfg) / 1e9:.1f}B params", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        tps = [1, 2] if which == "8b" else [2]
+        for tp in tps:
+            llm, startup = _llm(d, tp, backend)
+            r = res[f"tp{tp}"] = {"startup_s": startup, "kv_blocks": llm.num_kv_blocks,
+                                  "backend": llm.info.attention_backend, "memory": llm.info.memory}
+            if which == "8b":
+                r["greedy"] = _greedy(llm)
+            r["bs1_tps"] = _bs1(llm)
+            r["bs1_roofline_tps"] = bw * tp / bytes_per_token
+            print(f"tp={tp}: bs=1 decode {r['bs1_tps']:.0f} tok/s (roofline {r['bs1_roofline_tps']:.0f})", flush=True)
+            if tp > 1 or which == "8b":
+                r["mixed"] = _mixed(llm, cfg, bw, flops, tp)
+                print(f"tp={tp}: mixed {r['mixed']}", flush=True)
+            _free(llm)
+    lines = ["", f"GPU: {gpu}; copy {bw / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s per GPU; model {which}",
+             "", "| TP | startup s | KV blocks/rank | bs=1 tok/s | bs=1 roofline | % | mixed out tok/s | mixed % of floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for tp in (1, 2):
+        r = res.get(f"tp{tp}")
+        if r is None:
+            continue
+        m = r.get("mixed")
+        lines.append(f"| {tp} | {r['startup_s']:.1f} | {r['kv_blocks']:,} | {r['bs1_tps']:.1f} | {r['bs1_roofline_tps']:.1f} "
+                     f"| {100 * r['bs1_tps'] / r['bs1_roofline_tps']:.0f}% | "
+                     + (f"{m['output_tps']:,.0f} | {m['pct_floor']:.0f}% |" if m else "- | - |"))
+    if which == "8b":
+        same = res["tp1"]["greedy"] == res["tp2"]["greedy"]
+        first_diff = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
+                      for x, y in zip(res["tp1"]["greedy"], res["tp2"]["greedy"])]
+        lines.append(f"\ngreedy TP=2 == TP=1 on 8 prompts x 32 tokens: {same} (first differing index per prompt: "
+                     f"{first_diff}); bs=1 speed-up TP=2/TP=1: {res['tp2']['bs1_tps'] / res['tp1']['bs1_tps']:.2f}x")
+    print("\n".join(lines))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["allreduce", "8b", "70b"])
+    ap.add_argument("--attention-backend", default="triton")
+    args = ap.parse_args()
+    for var in ("NCCL_NVLS_ENABLE", "NVSHMEM_DISABLE_NVLS"):
+        os.environ.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    res = part_allreduce() if args.part == "allreduce" else part_engine(args.part, args.attention_backend)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], f"tp_{args.part}.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
