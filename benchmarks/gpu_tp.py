@@ -104,11 +104,11 @@ def part_allreduce() -> dict:
 
 
 # --- engine runs ---------------------------------------------------------------------------------
-def _llm(model_dir: str, tp: int, backend: str | None, max_model_len: int = 4096):
+def _llm(model_dir: str, tp: int, backend: str | None, max_model_len: int = 4096, dtype: str = "bfloat16"):
     from engine import LLM
 
     t = time.perf_counter()
-    llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=max_model_len,
+    llm = LLM(model=model_dir, device="cuda", dtype=dtype, load_format="dummy", max_model_len=max_model_len,
               max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=backend, tensor_parallel_size=tp)
     startup = time.perf_counter() - t
     i = llm.info
@@ -149,12 +149,20 @@ def _mixed(llm, cfg: dict, bw: float, flops: float, tp: int) -> dict:
                 pct_floor=100 * floor / dt)
 
 
-def _greedy(llm) -> list[list[int]]:
+def _greedy(llm) -> tuple[list[list[int]], list[dict[int, float]]]:
+    """32 greedy tokens of 8 prompts, and the top-20 logprobs of each prompt's first token."""
     from engine import SamplingParams
 
     prompts = make_prompts("greedy", 8, 48, 0)
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=20),
+                        use_tqdm=False)
+    first = [dict(zip(o.outputs[0].logprobs[0].token_ids, o.outputs[0].logprobs[0].logprobs)) for o in outs]
+    return [o.outputs[0].token_ids for o in outs], first
+
+
+def _lp_error(got: list[dict[int, float]], ref: list[dict[int, float]]) -> float:
+    """Largest |logprob difference| over the token ids both top-20 lists hold."""
+    return max(abs(g[t] - r[t]) for g, r in zip(got, ref) for t in set(g) & set(r))
 
 
 def part_engine(which: str, backend: str | None) -> dict:
@@ -168,13 +176,18 @@ def part_engine(which: str, backend: str | None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(cfg, f)
+        if which == "8b":  # a float32 reference for the bf16 runs' logprobs
+            llm, _ = _llm(d, 1, backend, dtype="float32")
+            res["fp32"] = dict(zip(("greedy", "first_lp"), _greedy(llm)))
+            _free(llm)
         tps = [1, 2] if which == "8b" else [2]
         for tp in tps:
             llm, startup = _llm(d, tp, backend)
             r = res[f"tp{tp}"] = {"startup_s": startup, "kv_blocks": llm.num_kv_blocks,
                                   "backend": llm.info.attention_backend, "memory": llm.info.memory}
             if which == "8b":
-                r["greedy"] = _greedy(llm)
+                r["greedy"], r["first_lp"] = _greedy(llm)
+                r["lp_err_vs_fp32"] = _lp_error(r["first_lp"], res["fp32"]["first_lp"])
             r["bs1_tps"] = _bs1(llm)
             r["bs1_roofline_tps"] = bw * tp / bytes_per_token
             print(f"tp={tp}: bs=1 decode {r['bs1_tps']:.0f} tok/s (roofline {r['bs1_roofline_tps']:.0f})", flush=True)
@@ -182,6 +195,12 @@ def part_engine(which: str, backend: str | None) -> dict:
                 r["mixed"] = _mixed(llm, cfg, bw, flops, tp)
                 print(f"tp={tp}: mixed {r['mixed']}", flush=True)
             _free(llm)
+        if which == "8b":  # the same with NCCL for every all-reduce size
+            os.environ["RUNNERS_SYMM_MEM_MAX_BYTES"] = "0"
+            llm, _ = _llm(d, 2, backend)
+            res["tp2_nccl_bs1_tps"] = _bs1(llm)
+            _free(llm)
+            del os.environ["RUNNERS_SYMM_MEM_MAX_BYTES"]
     lines = ["", f"GPU: {gpu}; copy {bw / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s per GPU; model {which}",
              "", "| TP | startup s | KV blocks/rank | bs=1 tok/s | bs=1 roofline | % | mixed out tok/s | mixed % of floor |",
              "|---|---|---|---|---|---|---|---|"]
@@ -197,8 +216,13 @@ def part_engine(which: str, backend: str | None) -> dict:
         same = res["tp1"]["greedy"] == res["tp2"]["greedy"]
         first_diff = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
                       for x, y in zip(res["tp1"]["greedy"], res["tp2"]["greedy"])]
-        lines.append(f"\ngreedy TP=2 == TP=1 on 8 prompts x 32 tokens: {same} (first differing index per prompt: "
-                     f"{first_diff}); bs=1 speed-up TP=2/TP=1: {res['tp2']['bs1_tps'] / res['tp1']['bs1_tps']:.2f}x")
+        same32 = sum(a == b for a, b in zip(res["tp1"]["greedy"], res["fp32"]["greedy"]))
+        lines.append(f"\ngreedy TP=2 == TP=1 (bf16) on 8 prompts x 32 tokens: {same} (first differing index per "
+                     f"prompt: {first_diff}); TP=1 bf16 == fp32 on {same32}/8 prompts")
+        lines.append(f"max |logprob - fp32 reference| over the first token's top-20: TP=1 bf16 "
+                     f"{res['tp1']['lp_err_vs_fp32']:.4f}, TP=2 bf16 {res['tp2']['lp_err_vs_fp32']:.4f}")
+        lines.append(f"bs=1 speed-up TP=2/TP=1: {res['tp2']['bs1_tps'] / res['tp1']['bs1_tps']:.2f}x; TP=2 with NCCL "
+                     f"for every all-reduce: {res['tp2_nccl_bs1_tps']:.0f} tok/s")
     print("\n".join(lines))
     return res
 

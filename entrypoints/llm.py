@@ -78,7 +78,8 @@ class LLM:
         executors); the "mp" executor's runners are in the worker processes."""
         runner = getattr(self.executor, "runner", None)
         if runner is None:
-            raise AttributeError(f"the {self.config.executor_backend!r} executor's runners live in worker processes")
+            raise AttributeError("no model runner in this process: the 'mp' executor's live in its worker "
+                                 "processes, and a shut-down engine has none")
         return runner
 
     def shutdown(self) -> None:

@@ -37,7 +37,7 @@ class CudaPlatform(AcceleratorPlatform):
 
     def small_all_reduce(self, group: Any, device: torch.device, dtype: torch.dtype) -> Any:
         """Symmetric-memory all-reduce for messages up to ``RUNNERS_SYMM_MEM_MAX_BYTES``
-        (default 1 MiB; 0 turns it off) where every peer is reachable; else None (NCCL)."""
+        (default 8 MiB; 0 turns it off) where every peer is reachable; else None (NCCL)."""
         max_bytes = int(os.environ.get("RUNNERS_SYMM_MEM_MAX_BYTES", DEFAULT_MAX_BYTES))
         if max_bytes <= 0 or torch.version.hip is not None:
             return None

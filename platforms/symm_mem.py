@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-DEFAULT_MAX_BYTES = 1 << 20
+DEFAULT_MAX_BYTES = 8 << 20  # 2 x H200: faster than NCCL up to 8 MiB in graphs (benchmarks/gpu_tp.py)
 
 
 class SymmMemAllReduce:
@@ -24,15 +24,14 @@ class SymmMemAllReduce:
 
         self.dtype, self.max_bytes = dtype, max_bytes
         self.group_name = (group or torch.distributed.group.WORLD).group_name
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # required by older torch releases, a no-op later
-            enable(self.group_name)
         elem = torch.empty((), dtype=dtype).element_size()
         self.buffer = symm_mem.empty(max_bytes // elem, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
         if self.handle is None:
             raise RuntimeError("symmetric-memory rendezvous returned no handle")
-        self.op = torch.ops.symm_mem.two_shot_all_reduce_
+        ops = torch.ops.symm_mem
+        self.out_op = getattr(ops, "two_shot_all_reduce_out", None)  # saves a copy where torch has it
+        self.op = ops.two_shot_all_reduce_
 
     def accepts(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -41,5 +40,8 @@ class SymmMemAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         buf = self.buffer[:x.numel()]
         buf.copy_(x.reshape(-1))
+        if self.out_op is not None and x.is_contiguous():
+            self.out_op(buf, "sum", self.group_name, x.view(-1))
+            return x
         self.op(buf, "sum", self.group_name)
         return x.copy_(buf.view(x.shape))  # the buffer is reused by the next call

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import os
 
 import torch
@@ -107,7 +108,11 @@ class Worker:
         return self.runner.execute_model(scheduler_output)
 
     def shutdown(self) -> None:
-        """Leave the process group (idempotent); the runner's memory goes with the object."""
+        """Leave the process group and free the runner's device memory (idempotent)."""
         if self._dist and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         self._dist = False
+        if self.runner is not None:
+            self.runner = None  # the model, the KV cache and the graphs go with it
+            gc.collect()
+            self.platform.empty_cache()
