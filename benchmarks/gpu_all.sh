@@ -2,9 +2,12 @@
 # Every GPU check and benchmark, in parts that each fit one 10-minute device call:
 #   bash benchmarks/gpu_all.sh tests        GPU tests (pytest -m gpu) + attention/sampler tables
 #   bash benchmarks/gpu_all.sh throughput   ours vs HF continuous batching (+ roofline)
-#   bash benchmarks/gpu_all.sh all          both
+#   bash benchmarks/gpu_all.sh tp           two GPUs: all-reduce latency, TP=1 vs TP=2 (8B), 70B at TP=2
+#   bash benchmarks/gpu_all.sh all          tests and throughput
 # Output goes to $OUT (or ./out) as logs and markdown tables.
 set -uo pipefail
+# Shared hosts: never NVLink multicast (it can take the host's GPUs out of service).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"; export OUT PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 part="${1:-all}"
@@ -19,4 +22,10 @@ if [[ $part == tests || $part == all ]]; then
 fi
 if [[ $part == throughput || $part == all ]]; then
   python3 benchmarks/gpu_throughput.py "${@:2}" 2>&1 | tee "$OUT/throughput.log" | grep -v "^\s*$"
+fi
+if [[ $part == tp ]]; then
+  python3 -m pytest -q -p no:cacheprovider tests/workers/test_tp_gpu.py -s 2>&1 | tee "$OUT/tp_tests.log" | grep -E "bf16|passed|failed"
+  python3 benchmarks/gpu_tp.py allreduce 2>&1 | tee "$OUT/tp_allreduce.log" | grep "|"
+  python3 benchmarks/gpu_tp.py 8b 2>&1 | tee "$OUT/tp_8b.log" | grep -v -i warn | tail -14
+  python3 benchmarks/gpu_tp.py 70b 2>&1 | tee "$OUT/tp_70b.log" | grep -v -i warn | tail -8
 fi

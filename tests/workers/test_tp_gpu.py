@@ -31,4 +31,4 @@ def test_two_gpus_match_one_with_graphs(dtype):
               for a, b in zip(g.outputs[0].logprobs[0].logprobs, r.outputs[0].logprobs[0].logprobs))
     same = sum(g.outputs[0].token_ids[0] == r.outputs[0].token_ids[0] for g, r in zip(got, ref))
     print(f"bf16 TP=2 vs TP=1: first tokens equal {same}/40, max |logprob diff| {err:.4f}")
-    assert same >= 36 and err < 0.1, (same, err)
+    assert same >= 36 and err < 0.2, (same, err)
