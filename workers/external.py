@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 
 from engine.config import EngineConfig
-from engine.executor import Executor, WorkerError, WorkerInfo
+from engine.executor import WorkerError
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
-from runners import ModelRunnerBase
+from workers.uniproc import InProcessExecutor
 from workers.worker import Worker
 
 
@@ -24,7 +24,7 @@ def torchrun_env() -> tuple[int, int, int]:
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
-class ExternalLauncherExecutor(Executor):
+class ExternalLauncherExecutor(InProcessExecutor):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         rank, world, local_rank = torchrun_env()
@@ -35,18 +35,8 @@ class ExternalLauncherExecutor(Executor):
         self.worker = Worker(config, rank, world, local_rank, init_method="env://")
         self.worker.init_device()
 
-    @property
-    def runner(self) -> ModelRunnerBase:
-        return self.worker.runner
-
-    def initialize(self) -> WorkerInfo:
-        return self.worker.initialize()
-
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         try:
             return self.worker.execute_model(scheduler_output)
         except Exception as e:
             raise WorkerError(f"rank {self.rank} failed: {type(e).__name__}: {e}", self.rank) from e
-
-    def shutdown(self) -> None:
-        self.worker.shutdown()

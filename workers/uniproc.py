@@ -1,4 +1,5 @@
-"""``UniProcExecutor``: one rank, in this process (no extra process, no process group)."""
+"""In-process executors: ``UniProcExecutor`` runs one rank in this process (no extra process,
+no process group); ``InProcessExecutor`` is what it shares with the torchrun executor."""
 from __future__ import annotations
 
 from engine.config import EngineConfig
@@ -8,13 +9,10 @@ from runners import ModelRunnerBase
 from workers.worker import Worker
 
 
-class UniProcExecutor(Executor):
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__(config)
-        if config.tensor_parallel_size != 1:
-            raise ValueError("UniProcExecutor runs one rank; tensor_parallel_size must be 1")
-        self.worker = Worker(config)
-        self.worker.init_device()
+class InProcessExecutor(Executor):
+    """This process's one ``Worker`` (set and device-initialised by the subclass)."""
+
+    worker: Worker
 
     @property
     def runner(self) -> ModelRunnerBase:
@@ -29,3 +27,12 @@ class UniProcExecutor(Executor):
 
     def shutdown(self) -> None:
         self.worker.shutdown()
+
+
+class UniProcExecutor(InProcessExecutor):
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        if config.tensor_parallel_size != 1:
+            raise ValueError("UniProcExecutor runs one rank; tensor_parallel_size must be 1")
+        self.worker = Worker(config)
+        self.worker.init_device()
