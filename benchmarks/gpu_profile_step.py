@@ -1,6 +1,7 @@
 """Where one step's time goes on a GPU: host vs device, and the top kernels (torch.profiler).
 
     python benchmarks/gpu_profile_step.py [--batch 128] [--ctx 1024] [--backend flash]
+    torchrun --nproc-per-node 2 benchmarks/gpu_profile_step.py --tp 2 ...   # tensor parallel, rank 0 prints
 
 Llama-3-8B-shaped random bf16 weights (as gpu_throughput.py). Times (a) decode steps at ``--batch``
 requests of ``--ctx`` context through the engine loop, (b) one 8k-token prefill step, and prints
@@ -35,14 +36,20 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--backend", default=None)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (> 1: start with torchrun)")
     args = ap.parse_args()
+    if int(os.environ.get("RANK", "0")) != 0:  # other ranks run the same steps silently
+        global print
+        print = lambda *a, **k: None  # noqa: E731
     from engine import LLM, SamplingParams
 
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(LLAMA3_8B, f)
         llm = LLM(model=d, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096,
-                  max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=args.backend)
+                  max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=args.backend,
+                  tensor_parallel_size=args.tp,
+                  distributed_executor_backend="external_launcher" if args.tp > 1 else None)
     sched, runner = llm.scheduler, llm.runner
     print(f"backend {runner.attn_backend.name}, graphs {sorted(k[0] for k in runner.captured)[-3:]}")
     prompts = make_prompts("profile", args.batch, args.ctx, 0)
