@@ -79,6 +79,9 @@ class ModelRunnerBase(ABC):
         mc = self.model_config
         self.dtype = self.platform.resolve_dtype(config.dtype, mc.dtype)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{mc.max_position_embeddings} (config.json): lower max_model_len to at most that")
         if mc.sliding_window is not None and self.max_model_len > mc.sliding_window:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's sliding_window="
                              f"{mc.sliding_window}, which is not supported: lower max_model_len")
