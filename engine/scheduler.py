@@ -115,14 +115,15 @@ class Scheduler:
         return aborted
 
     def discard_step(self) -> list[str]:
-        """The step last scheduled did not complete (an exception or Ctrl-C before its output was
-        applied): its prefix-cache entries are forgotten (their KV may be unwritten), its
-        finished ids are reported again, and every request it scheduled or preempted is aborted
-        (their progress is unknown). Returns the ids aborted; a no-op without a step in flight."""
+        """The step last scheduled did not complete (an exception or Ctrl-C inside ``schedule()``
+        or before its output was applied): its prefix-cache entries are forgotten (their KV may
+        be unwritten), its finished ids are reported again, and every request it scheduled or
+        preempted is aborted (their progress is unknown). Returns the ids aborted. After an
+        interrupted ``schedule()`` the caller aborts the requests it may have touched."""
         so, self._inflight = self._inflight, None
+        self.kv.discard_uncommitted()  # also those of a schedule() that never returned
         if so is None:
             return []
-        self.kv.discard_uncommitted()
         self._resend |= so.finished_req_ids
         return self.abort_requests([*so.num_scheduled_tokens, *so.preempted_req_ids])
 
