@@ -13,6 +13,10 @@ The runner applies a ``SchedulerOutput`` in this order: finished, preempted, new
 A request never appears as preempted and scheduled in the same output. Resumed
 requests come as cached requests (the runner kept their tokens), with their whole block
 table in ``new_block_ids``.
+
+Faults: a step's prefix-cache entries are kept once its output is applied (or the next step
+is scheduled); ``discard_step()`` forgets them, and aborts its requests, when it failed.
+Finished ids reach the runner at least once (again after a failed step): it ignores unknown ones.
 """
 from __future__ import annotations
 
