@@ -92,9 +92,17 @@ def test_failing_plugin_named_explicitly_names_plugin_and_entry_point(monkeypatc
         resolve_platform("broken")
 
 
+class _RaisingAvailability(CpuPlatform):
+    name = "flaky"
+
+    @classmethod
+    def is_available(cls):
+        raise RuntimeError("runtime not initialised")
+
+
 def test_failing_plugin_never_breaks_in_tree_platforms(monkeypatch):
     _plugins(monkeypatch, _EP("broken", _raises), _EP("badpath", lambda: "no_such_module:Nope"),
-             _EP("wrongtype", lambda: 42))
+             _EP("wrongtype", lambda: 42), _EP("flaky", lambda: f"{__name__}:_RaisingAvailability"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert isinstance(resolve_platform("cpu"), CpuPlatform)  # named: plugins not even loaded
@@ -102,10 +110,11 @@ def test_failing_plugin_never_breaks_in_tree_platforms(monkeypatch):
         detected = resolve_platform()
     assert detected.name == ("cuda" if CudaPlatform.is_available() else "cpu")
     messages = sorted(str(w.message) for w in record)
-    assert len(messages) == 3 and all("skipped during platform detection" in m for m in messages)
+    assert len(messages) == 4 and all("skipped during platform detection" in m for m in messages)
     assert "'badpath'" in messages[0] and "cannot be loaded" in messages[0] and "no_such_module" in messages[0]
     assert "'broken'" in messages[1] and "OSError" in messages[1]
-    assert "'wrongtype'" in messages[2] and "returned 42" in messages[2]
+    assert "'flaky'" in messages[2] and "is_available() raised RuntimeError: runtime not" in messages[2]
+    assert "'wrongtype'" in messages[3] and "returned 42" in messages[3]
 
 
 class _AbsentDevice(CpuPlatform):
