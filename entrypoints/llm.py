@@ -103,7 +103,7 @@ class LLM:
         Every prompt is checked before any is queued (errors name its index). If anything
         raises inside (Ctrl-C included), the call's requests are aborted in the scheduler and
         the runner, their KV blocks return to the pool, and the exception propagates: the
-        next call works as on a fresh object.
+        next call works as on a fresh object (same outputs for greedy and seeded requests).
         """
         prompts = normalize_prompts(prompts)
         params = SamplingParams.broadcast(sampling_params, len(prompts))

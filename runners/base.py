@@ -158,8 +158,9 @@ class ModelRunnerBase(ABC):
         return self.kv_cache_spec
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        if num_blocks < 2:
-            raise ValueError(f"need at least 2 KV blocks (block 0 is the null block), got {num_blocks}")
+        if not isinstance(num_blocks, int) or num_blocks < 2:  # profile_run's result, usually
+            raise ValueError(f"need an int >= 2 KV blocks (block 0 is the null block; {type(self).__name__}"
+                             f".profile_run() returns the count), got {num_blocks!r}")
         self.kv_caches = self.kv_cache_spec.allocate(num_blocks, self.device)
         self.num_kv_blocks = num_blocks
 

@@ -120,3 +120,15 @@ def test_the_suite_names_what_broke(pytester):
     assert "TestIgnoresOverrides::test_kv_sizing_within_a_small_memory_budget" not in failures
     assert "TestSizesFromPsutil::test_prefill_then_decode" not in failures
     assert "TestZeroMemoryPlatform::test_prefill_then_decode" not in failures
+
+
+@pytest.mark.parametrize("count", [None, 1, 2.5])
+def test_a_bad_block_count_names_profile_run_outside_the_suite_too(count):
+    """The engine path (Worker: profile_run, then initialize_kv_cache) names the hook as well."""
+    from engine.config import EngineConfig
+    from runners.cpu import CPURunner
+
+    runner = CPURunner(EngineConfig(device="cpu", num_kv_blocks=8, max_model_len=64))
+    with pytest.raises(ValueError, match=rf"need an int >= 2 KV blocks .*CPURunner.profile_run\(\) returns the count"
+                                         rf"\), got {count}"):
+        runner.initialize_kv_cache(count)
