@@ -7,12 +7,16 @@ Goal on the 2-core CI machine: under 150 us for 256 decodes and for 2,048 + 255 
 """
 from __future__ import annotations
 
+import json
+import pathlib
+
 import numpy as np
 import pytest
 
 from engine.config import EngineConfig
 from engine.outputs import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.sampling_params import SamplingParams
+from models.default import default_model_dir
 from runners.cpu import CPURunner
 
 pytestmark = pytest.mark.cpu
@@ -21,8 +25,12 @@ PROMPT, CHUNK, MAX_LEN, BS = 512, 2048, 4096, 16
 
 
 @pytest.fixture(scope="module")
-def runner() -> CPURunner:
-    cfg = EngineConfig(model=None, device="cpu", dtype="float32", max_model_len=MAX_LEN, block_size=BS,
+def runner(tmp_path_factory) -> CPURunner:
+    # The default model's config with room for MAX_LEN positions (no weights are read).
+    config = json.loads((pathlib.Path(default_model_dir()) / "config.json").read_text())
+    model = tmp_path_factory.mktemp("model")
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": MAX_LEN}))
+    cfg = EngineConfig(model=str(model), device="cpu", dtype="float32", max_model_len=MAX_LEN, block_size=BS,
                        max_num_seqs=256, max_num_batched_tokens=CHUNK + 255, num_kv_blocks=2)
     return CPURunner(cfg)  # no model, no KV cache: only the host-side bookkeeping is exercised
 

@@ -45,6 +45,7 @@ class KVBlockManager:
         self._cached: dict[bytes, int] = {}  # hash -> block id
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
         self._held: dict[str, _Held] = {}  # request id -> its blocks
+        self._uncommitted: list[int] = []  # registered since commit(): their KV may be unwritten
         # Counters: prompt tokens looked up / served from the cache at first admission.
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
@@ -175,7 +176,24 @@ class KVBlockManager:
             return False
         self._cached.clear()
         self.block_hash = [None] * self.num_blocks
+        self._uncommitted.clear()
         return True
+
+    def commit(self) -> None:
+        """The step that filled the blocks registered since the last commit has run: keep them."""
+        self._uncommitted.clear()
+
+    def discard_uncommitted(self) -> None:
+        """The step that was to fill the blocks registered since the last commit did not complete:
+        forget their cache entries (the KV may be unwritten). Earlier entries stay valid."""
+        for b in self._uncommitted:
+            h = self.block_hash[b]
+            if h is not None and self._cached.get(h) == b:
+                del self._cached[h]
+            self.block_hash[b] = None
+            if b in self._free:  # nothing worth keeping: reuse it first
+                self._free.move_to_end(b, last=False)
+        self._uncommitted.clear()
 
     # Internals ----------------------------------------------------------------------
     def _take_free_block(self) -> int:
@@ -199,4 +217,5 @@ class KVBlockManager:
             if block_hash[b] is None and h not in cached:
                 cached[h] = b
                 block_hash[b] = h
+                self._uncommitted.append(b)
         held.offered = n_full

@@ -1,4 +1,4 @@
-"""Per-request sampling parameters, validated at construction."""
+"""Per-request sampling parameters, validated at construction and when a request is made."""
 from __future__ import annotations
 
 import math
@@ -34,6 +34,11 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (ValueError naming it). Run at construction and again when a request
+        is made, so a field changed after construction (e.g. ``temperature = nan``) is caught."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)):

@@ -13,6 +13,10 @@ The runner applies a ``SchedulerOutput`` in this order: finished, preempted, new
 A request never appears as preempted and scheduled in the same output. Resumed
 requests come as cached requests (the runner kept their tokens), with their whole block
 table in ``new_block_ids``.
+
+Faults: a step's prefix-cache entries are kept once its output is applied (or the next step
+is scheduled); ``discard_step()`` forgets them, and aborts its requests, when it failed.
+Finished ids reach the runner at least once (again after a failed step): it ignores unknown ones.
 """
 from __future__ import annotations
 
@@ -56,11 +60,19 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished: dict[str, Request] = {}  # since the last schedule()
+        self._resend: set[str] = set()  # finished ids a failed step may not have delivered
+        self._inflight: SchedulerOutput | None = None  # scheduled, its output not yet applied
         self.num_preemptions = 0
         self.num_finished = 0
 
     # Requests in and out ---------------------------------------------------------------
     def add_request(self, req: Request) -> None:
+        self.check_request(req)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def check_request(self, req: Request) -> None:
+        """ValueError if ``add_request`` would refuse ``req`` (changes nothing): check a batch first."""
         rid = req.request_id
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already scheduled")
@@ -79,8 +91,6 @@ class Scheduler:
                 f"block_size={self.block_size}, but the pool has num_kv_blocks={self.kv.num_blocks} "
                 f"({self.kv.num_blocks - 1} usable): raise num_kv_blocks (or the KV memory), "
                 f"or lower max_model_len / max_tokens")
-        self.requests[rid] = req
-        self.waiting.append(req)
 
     def finish_requests(self, req_ids: str | Iterable[str], status: RequestStatus) -> None:
         """Finish requests from outside (aborts, stop strings); unknown or finished ids are ignored."""
@@ -92,19 +102,50 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None:
                 continue
-            if req.status is _RUNNING:
-                self.running.remove(req)
-            else:
-                self.waiting.remove(req)
+            self._unlink(req)
             req.status = RequestStatus(status)
             self._release(req)
+
+    def abort_requests(self, req_ids: str | Iterable[str]) -> list[str]:
+        """Abort unfinished requests (unknown or finished ids are ignored); returns those aborted.
+
+        Their blocks return to the pool now; full blocks stay in the prefix cache (completed
+        steps wrote them). The runner drops them when the next output lists them in
+        ``finished_req_ids``; rows a step in flight returns for them are ignored.
+        """
+        ids = [req_ids] if isinstance(req_ids, str) else list(req_ids)
+        aborted = [rid for rid in dict.fromkeys(ids) if rid in self.requests]
+        self.finish_requests(aborted, RequestStatus.FINISHED_ABORTED)
+        return aborted
+
+    def discard_step(self) -> list[str]:
+        """The step last scheduled did not complete (an exception or Ctrl-C inside ``schedule()``
+        or before its output was applied): its prefix-cache entries are forgotten (their KV may
+        be unwritten), its finished ids are reported again, and every request it scheduled or
+        preempted is aborted (their progress is unknown). Returns the ids aborted. After an
+        interrupted ``schedule()`` the caller aborts the requests it may have touched."""
+        so, self._inflight = self._inflight, None
+        self.kv.discard_uncommitted()  # also those of a schedule() that never returned
+        if so is None:
+            return []
+        self._resend |= so.finished_req_ids
+        return self.abort_requests([*so.num_scheduled_tokens, *so.preempted_req_ids])
+
+    def drain_finished(self) -> SchedulerOutput:
+        """A step that schedules nothing and reports the requests ended since the last one, so the
+        runner can drop them now (after aborts, or at the end of a batch)."""
+        so = SchedulerOutput.empty()
+        so.finished_req_ids = self._take_finished()
+        self.kv.commit()
+        self._inflight = so
+        return so
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     def has_finished_requests(self) -> bool:
         """Requests finished since the last schedule() (not yet reported to the runner)."""
-        return bool(self._finished)
+        return bool(self._finished or self._resend)
 
     def get_request(self, req_id: str) -> Request | None:
         """An unfinished request, or one finished since the last schedule(); else None."""
@@ -126,6 +167,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         cap = self.config.long_prefill_token_threshold
         kv, running = self.kv, self.running
+        kv.commit()  # a new step: the previous one's outcome was accepted
         num_scheduled: dict[str, int] = {}
         cached = CachedRequestData()
         c_ids, c_resumed = cached.req_ids, cached.resumed_from_preemption
@@ -160,11 +202,16 @@ class Scheduler:
         if not preempted:
             budget = self._admit(budget, cached, new_reqs, num_scheduled)
 
+        so = SchedulerOutput(new_reqs, cached, num_scheduled, self.config.max_num_batched_tokens - budget,
+                             self._take_finished(), preempted)
+        self._inflight = so
+        return so
+
+    def _take_finished(self) -> set[str]:
         # The runner holds state only for requests it was sent (scheduled at least once).
-        finished = {rid for rid, r in self._finished.items() if r.num_cached_tokens >= 0}
-        self._finished = {}
-        return SchedulerOutput(new_reqs, cached, num_scheduled,
-                               self.config.max_num_batched_tokens - budget, finished, preempted)
+        finished = {rid for rid, r in self._finished.items() if r.num_cached_tokens >= 0} | self._resend
+        self._finished, self._resend = {}, set()
+        return finished
 
     def _admit(self, budget: int, cached: CachedRequestData, new_reqs: list[NewRequestData],
                num_scheduled: dict[str, int]) -> int:
@@ -209,6 +256,8 @@ class Scheduler:
         ``sched`` is the output this ``out`` answers (part of the contract; unused today).
         """
         requests, mml, running = self.requests, self.max_model_len, _RUNNING
+        self._inflight = None
+        self.kv.commit()
         finished: list[Request] = []
         for rid, tokens in zip(out.req_ids, out.sampled_token_ids):
             req = requests.get(rid)
@@ -250,6 +299,16 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
         preempted.add(req.request_id)
+
+    def _unlink(self, req: Request) -> None:
+        """Take a request out of its queue; it may be in neither if an exception interrupted a move."""
+        first, second = (self.running, self.waiting) if req.status is _RUNNING else (self.waiting, self.running)
+        for queue in (first, second):
+            try:
+                queue.remove(req)
+                return
+            except ValueError:
+                pass
 
     def _release(self, req: Request) -> None:
         self.kv.free(req)

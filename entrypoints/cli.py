@@ -33,30 +33,39 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; errors are one line on stderr (exit 2), Ctrl-C exits 130, neither with a traceback."""
     args = _parser().parse_args(argv)
     from engine import SamplingParams
-    from engine.executor import WorkerError
     from entrypoints.llm import LLM
 
-    errors = (ValueError, RuntimeError, FileNotFoundError, WorkerError)
     try:
         llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                   attention_backend=args.attention_backend, num_kv_blocks=args.num_kv_blocks,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                   tensor_parallel_size=args.tp, distributed_executor_backend=args.distributed_executor_backend)
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - reported in one line
+        return _fail(e)
     try:
         params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
         _print(llm, llm.generate(args.prompt or DEFAULT_PROMPTS, params))
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        return _fail(e)
     finally:
         llm.shutdown()
     return 0
+
+
+def _fail(e: BaseException) -> int:
+    if isinstance(e, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    lines = str(e).strip().splitlines()  # a worker's error carries its traceback after the first line
+    what = lines[0] if lines else ""
+    if not isinstance(e, (ValueError, RuntimeError, OSError, TypeError)):
+        what = f"{type(e).__name__}: {what}"
+    print(f"error: {what}", file=sys.stderr)
+    return 2
 
 
 def _print(llm: "LLM", outputs: list) -> None:

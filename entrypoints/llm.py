@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.executor import Executor, WorkerInfo
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.executor import Executor, WorkerError, WorkerInfo
+from engine.outputs import CompletionOutput, ModelRunnerOutput, RequestMetrics, RequestOutput
+from engine.prompts import normalize_prompts, token_ids
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -71,6 +73,8 @@ class LLM:
         self.scheduler = Scheduler(self.config, self.num_kv_blocks)
         self._ids = itertools.count()
         self.stats = GenerationStats()
+        self._aborts: deque[str] = deque()  # ids to abort at the next step boundary
+        self._generating = False
 
     @property
     def runner(self) -> Any:
@@ -92,14 +96,30 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def generate(self, prompts: Sequence[str | list[int]],
+    def generate(self, prompts: Sequence[str | Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """Complete every prompt; results come back in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        """Complete every prompt; results come back in input order.
+
+        Every prompt is checked before any is queued (errors name its index). If anything
+        raises inside (Ctrl-C included), the call's requests are aborted in the scheduler and
+        the runner, their KV blocks return to the pool, and the exception propagates: the
+        next call works as on a fresh object (same outputs for greedy and seeded requests).
+        """
+        prompts = normalize_prompts(prompts)
         params = SamplingParams.broadcast(sampling_params, len(prompts))
-        requests = [self._make_request(p, sp) for p, sp in zip(prompts, params)]  # all checked first
+        requests = [self._make_request(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
+        self._generating = True
+        try:
+            return self._generate(requests, prompts, use_tqdm)
+        except BaseException as e:
+            self._recover([r.request_id for r in requests], e)
+            raise
+        finally:
+            self._generating = False
+
+    def _generate(self, requests: list[Request], prompts: list[str | list[int]],
+                  use_tqdm: bool | None) -> list[RequestOutput]:
         for r in requests:
             self.scheduler.add_request(r)
         detoks = {r.request_id: IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, r.sampling_params)
@@ -114,11 +134,11 @@ class LLM:
         metrics = {r.request_id: RequestMetrics(t_start) for r in requests}
         try:
             while self.scheduler.has_unfinished_requests():
-                finished = self._step(detoks, stats, metrics)
+                finished = self._step(detoks, stats, metrics) + len(self._apply_aborts())
                 if bar is not None and finished:
                     bar.update(finished)
             if self.scheduler.has_finished_requests():  # let the runner free their state now
-                self.executor.execute_model(self.scheduler.schedule())
+                self._flush()
         finally:
             if bar is not None:
                 bar.close()
@@ -172,23 +192,71 @@ class LLM:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return len(finished) + len(stopped)
 
-    def _make_request(self, prompt: str | list[int], params: SamplingParams) -> Request:
+    def abort(self, request_ids: str | Iterable[str]) -> list[str]:
+        """Abort requests by id (``RequestOutput.request_id``): they finish with finish_reason
+        "abort", the scheduler, the executor and the runner drop them, and their KV blocks return
+        to the pool (full blocks stay in the prefix cache). Unknown or finished ids are ignored.
+        Called while ``generate`` runs (from inside a step, or another thread), the ids are
+        applied at the next step boundary; returns the ids aborted now."""
+        self._aborts.extend([request_ids] if isinstance(request_ids, str) else request_ids)
+        return [] if self._generating else self._apply_aborts(flush=True)
+
+    def _apply_aborts(self, flush: bool = False) -> list[str]:
+        ids = []
+        while self._aborts:
+            ids.append(self._aborts.popleft())
+        aborted = self.scheduler.abort_requests(ids)
+        if aborted and flush:
+            self._flush()
+        return aborted
+
+    def _flush(self) -> None:
+        """One step that schedules nothing: the runner drops the requests that ended."""
+        so = self.scheduler.drain_finished()
+        self.scheduler.update_from_output(so, self.executor.execute_model(so) or ModelRunnerOutput([], []))
+
+    def _recover(self, request_ids: list[str], exc: BaseException) -> None:
+        """After an exception inside ``generate``: abort its requests everywhere, keep what is valid."""
+        self.scheduler.discard_step()  # a step cut short: its outcome is unknown
+        self.scheduler.abort_requests(request_ids)
+        self._aborts.clear()
+        if isinstance(exc, WorkerError):
+            return  # the executor is shut down: nothing to tell the workers
+        try:
+            self._flush()
+        except BaseException:  # noqa: BLE001 - e.g. a second Ctrl-C; the original exception propagates
+            self.scheduler.discard_step()  # the next step tells the runner instead
+
+    def _make_request(self, prompt: str | list[int], params: SamplingParams, index: int = 0) -> Request:
+        """Tokenize and check one prompt (errors name its index) and its sampling params."""
+        try:
+            if not isinstance(params, SamplingParams):
+                raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+            params.validate()  # again: a field may have been changed since construction
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"prompt {index}: sampling_params: {e}") from None
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(f"model {self.config.model!r} has no tokenizer.json: pass token ids")
+                raise ValueError(f"prompt {index}: model {self.config.model!r} has no tokenizer.json: "
+                                 f"pass token ids")
             ids = self.tokenizer.encode(prompt).ids
         else:
-            ids = list(prompt)
+            ids = token_ids(prompt, index)
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+            raise ValueError(f"prompt {index}: token ids must be in [0, {vocab}) (the vocabulary); got {bad[:5]}")
         if not ids:
-            raise ValueError("a prompt is empty")
+            raise ValueError(f"prompt {index} is empty")
         if len(ids) >= self.config.max_model_len:
-            raise ValueError(f"a prompt has {len(ids)} tokens; max_model_len={self.config.max_model_len} "
+            raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len={self.config.max_model_len} "
                              "leaves no room to generate")
-        return Request(f"req-{next(self._ids)}", ids, params, self.model_config.eos_token_ids)
+        req = Request(f"req-{next(self._ids)}", ids, params, self.model_config.eos_token_ids)
+        try:
+            self.scheduler.check_request(req)  # e.g. one that can never fit the KV pool
+        except ValueError as e:
+            raise ValueError(f"prompt {index}: {e}") from None
+        return req
 
     def _output(self, req: Request, detok: IncrementalDetokenizer | None, prompt: str | list[int],
                 metrics: RequestMetrics) -> RequestOutput:

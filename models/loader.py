@@ -45,6 +45,19 @@ def safetensors_files(model_dir: str) -> list[str]:
     return [os.path.join(model_dir, n) for n in names]
 
 
+@contextlib.contextmanager
+def _open(file: str) -> Iterator[Any]:
+    """``safe_open`` whose errors (a truncated or corrupt file) name the file."""
+    try:
+        handle = safe_open(file, framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+        size = os.path.getsize(file) if os.path.exists(file) else 0
+        raise ValueError(f"cannot read safetensors file {file!r} ({size:,} bytes): {e}. It is truncated or "
+                         f"corrupt: download or copy it again") from e
+    with handle as f:
+        yield f
+
+
 def _hf_to_param(model: LlamaForCausalLM, hf_name: str) -> tuple[str, Any]:
     """HF tensor name -> (our parameter name, shard id or None)."""
     for packed, parts in model.packed_modules.items():
@@ -133,13 +146,13 @@ def load_weights(model: LlamaForCausalLM, files: list[str]) -> None:
     """
     file_of: dict[str, str] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with _open(file) as f:
             file_of.update(dict.fromkeys(f.keys(), file))
     plan = _plan(model, file_of)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for file in files:
-            with safe_open(file, framework="pt") as f:
+            with _open(file) as f:
                 for hf_name, name, shard_id in plan:
                     if file_of[hf_name] == file:
                         _copy(params[name], f.get_slice(hf_name), shard_id, hf_name, os.path.basename(file))

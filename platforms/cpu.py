@@ -38,6 +38,16 @@ class CpuPlatform(Platform):
     def is_available(cls) -> bool:
         return True
 
+    @classmethod
+    def check_device_index(cls, index: int) -> None:
+        if index != 0:
+            raise ValueError(f"the CPU platform has one device (index 0), got index {index}: use device='cpu'")
+
+    def device(self, index: int | None = None) -> torch.device:
+        if index is not None:
+            self.check_device_index(index)
+        return torch.device("cpu")
+
     def resolve_dtype(self, requested: str, config_dtype: str | None) -> torch.dtype:
         # CPUs without bf16 units run it slowly and less exactly: "auto" means float32 here.
         return torch.float32 if requested == "auto" else getattr(torch, requested)
@@ -77,5 +87,4 @@ class CpuPlatform(Platform):
             self._peak_floor = self.memory_allocated()
 
     def set_device(self, index: int) -> None:
-        if index != 0:
-            raise ValueError(f"the CPU platform has one device (index 0), got {index}")
+        self.check_device_index(index)

@@ -18,10 +18,26 @@ class CudaPlatform(AcceleratorPlatform):
     attention_backends: ClassVar[tuple[str, ...]] = ("flash", "triton", "torch")
     supports_graphs: ClassVar[bool] = True
     static_shapes: ClassVar[bool] = False
+    auto_float32_dtype: ClassVar[str] = "bfloat16"  # tensor cores: a float32 checkpoint runs in bf16
 
     @classmethod
     def is_available(cls) -> bool:
         return torch.version.cuda is not None and torch.cuda.is_available()
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if torch.version.cuda is None:
+            return f"this torch ({torch.__version__}) was built without CUDA (install a CUDA build of torch)"
+        if not torch.cuda.is_available():
+            return ("no CUDA GPU is visible (check the driver with nvidia-smi, and CUDA_VISIBLE_DEVICES="
+                    f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        return None
+
+    @classmethod
+    def check_device_index(cls, index: int) -> None:
+        n = torch.cuda.device_count()
+        if index >= n:
+            raise ValueError(f"there are {n} GPU(s) here (indices 0..{n - 1}), no index {index}")
 
     def device_capability(self) -> tuple[int, int]:
         return torch.cuda.get_device_capability()
@@ -64,3 +80,12 @@ class RocmPlatform(CudaPlatform):
     @classmethod
     def is_available(cls) -> bool:
         return torch.version.hip is not None and torch.cuda.is_available()
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if torch.version.hip is None:
+            return f"this torch ({torch.__version__}) was built without ROCm (install a ROCm build of torch)"
+        if not torch.cuda.is_available():
+            return ("no ROCm GPU is visible (check the driver with rocm-smi, and HIP_VISIBLE_DEVICES="
+                    f"{os.environ.get('HIP_VISIBLE_DEVICES')!r})")
+        return None

@@ -23,22 +23,37 @@ class Platform:
     supports_graphs: ClassVar[bool] = False
     static_shapes: ClassVar[bool] = False  # pad token/request counts to buckets (graphs, XLA)
     pin_memory: ClassVar[bool] = False  # stage host->device copies in pinned memory
+    # What dtype="auto" gives a float32 checkpoint (or one that names no dtype). Conservative by
+    # default: a platform that computes faster in half precision opts in (CUDA, XPU).
+    auto_float32_dtype: ClassVar[str] = "float32"
 
     @classmethod
     def is_available(cls) -> bool:
         """True if this platform's device is present (used by auto-detection)."""
         return False
 
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this platform cannot run here when asked for by name (None: it can). Looser than
+        ``is_available``, which auto-detection uses: e.g. torch_xla's CPU client is usable by
+        name but never detected. Touches no device."""
+        return None
+
+    @classmethod
+    def check_device_index(cls, index: int) -> None:
+        """ValueError if ``<name>:<index>`` names no device of this platform."""
+
     def device(self, index: int | None = None) -> torch.device:
         return torch.device(self.device_type if index is None else f"{self.device_type}:{index}")
 
     def resolve_dtype(self, requested: str, config_dtype: str | None) -> torch.dtype:
-        """``requested`` is an engine ``dtype`` ("auto" takes the checkpoint's, bf16 for fp32)."""
+        """``requested`` is an engine ``dtype``; "auto" takes the checkpoint's half dtype, and
+        ``auto_float32_dtype`` for a float32 checkpoint (or one that names none)."""
         if requested != "auto":
             return getattr(torch, requested)
         if config_dtype in ("bfloat16", "float16"):
             return getattr(torch, config_dtype)
-        return torch.bfloat16
+        return getattr(torch, self.auto_float32_dtype)
 
     def seed_everything(self, seed: int) -> None:
         random.seed(seed)

@@ -32,6 +32,13 @@ class TpuPlatform(Platform):
         pjrt = os.environ.get("PJRT_DEVICE", "").upper()
         return pjrt == "TPU" or (not pjrt and os.path.exists("/dev/accel0"))
 
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec("torch_xla") is None:
+            return (f"torch_xla is not installed (pip install torch_xla of the version matching torch "
+                    f"{torch.__version__}; PJRT_DEVICE=CPU runs it on the host)")
+        return None
+
     def device(self, index: int | None = None) -> torch.device:
         import torch_xla
 

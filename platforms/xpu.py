@@ -13,11 +13,25 @@ class XpuPlatform(AcceleratorPlatform):
     device_type: ClassVar[str] = "xpu"
     runner_cls: ClassVar[str] = "runners.xpu:XPURunner"
     attention_backends: ClassVar[tuple[str, ...]] = ("triton", "torch")
+    auto_float32_dtype: ClassVar[str] = "bfloat16"  # a float32 checkpoint runs in bf16 on XPUs
 
     @classmethod
     def is_available(cls) -> bool:
         xpu = getattr(torch, "xpu", None)
         return xpu is not None and xpu.is_available()
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if cls.is_available():
+            return None
+        return (f"this torch ({torch.__version__}) sees no Intel XPU (install torch's XPU build and "
+                f"Intel's GPU driver)")
+
+    @classmethod
+    def check_device_index(cls, index: int) -> None:
+        n = torch.xpu.device_count()
+        if index >= n:
+            raise ValueError(f"there are {n} XPU(s) here (indices 0..{n - 1}), no index {index}")
 
     def dist_backend(self) -> str:
         return "xccl" if getattr(torch.distributed, "is_xccl_available", lambda: False)() else "ccl"

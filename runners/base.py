@@ -79,6 +79,9 @@ class ModelRunnerBase(ABC):
         mc = self.model_config
         self.dtype = self.platform.resolve_dtype(config.dtype, mc.dtype)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{mc.max_position_embeddings} (config.json): lower max_model_len to at most that")
         if mc.sliding_window is not None and self.max_model_len > mc.sliding_window:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's sliding_window="
                              f"{mc.sliding_window}, which is not supported: lower max_model_len")
@@ -155,8 +158,9 @@ class ModelRunnerBase(ABC):
         return self.kv_cache_spec
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        if num_blocks < 2:
-            raise ValueError(f"need at least 2 KV blocks (block 0 is the null block), got {num_blocks}")
+        if not isinstance(num_blocks, int) or num_blocks < 2:  # profile_run's result, usually
+            raise ValueError(f"need an int >= 2 KV blocks (block 0 is the null block; {type(self).__name__}"
+                             f".profile_run() returns the count), got {num_blocks!r}")
         self.kv_caches = self.kv_cache_spec.allocate(num_blocks, self.device)
         self.num_kv_blocks = num_blocks
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -25,7 +26,19 @@ class KVCacheSpec:
 
     def allocate(self, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        if torch.device(device).type == "cpu":
+            return [host_zeros(shape, self.dtype) for _ in range(self.num_layers)]
         return [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(self.num_layers)]
+
+
+def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed host tensor from calloc (through numpy): the OS maps zero pages lazily, so a large
+    KV cache costs nothing until written (``torch.zeros`` writes every byte: ~1 s/GiB on 2 cores)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * elem
+    raw = np.zeros(nbytes + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64  # cache-line aligned, as torch's allocator would give
+    return torch.from_numpy(raw[start:start + nbytes]).view(dtype).view(shape)
 
 
 def blocks_for_bytes(spec: KVCacheSpec, nbytes: int, *, max_model_len: int, max_useful: int | None,

@@ -11,25 +11,25 @@ Use it from any test module (pytest collects the inherited tests)::
 It drives ``execute_model`` with hand-built ``SchedulerOutput``s - prefill, decode, a
 mixed batch, chunked prefill, a prefix-cache hit, preemption and resume - and checks
 the greedy tokens against a plain reference (the same model recomputing the whole
-sequence each step on the CPU, no KV cache), plus the four-hook contract,
-``_dummy_run`` and KV-cache initialisation.
+sequence each step on the CPU, no KV cache), plus the four-hook contract (each hook's
+result checked, failures name the hook), ``_dummy_run``, KV-cache initialisation, the
+engine overrides (``num_kv_blocks``, ``kv_cache_memory_bytes``) and KV sizing without
+them on a device of ``kv_sizing_budget`` bytes (the platform seen through ``MemoryBudget``).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, ClassVar
 
-import numpy as np
 import pytest
 import torch
 
-from attention.metadata import AttentionMetadata
-from attention.torch_ref import TorchAttentionBackend
 from engine.config import EngineConfig
 from engine.outputs import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.sampling_params import SamplingParams
-from platforms import Platform
+from platforms import Platform, resolve_platform
 from runners.base import ModelRunnerBase
+from runners.testing_checks import (MIB, MemoryBudget, assert_tokens, check_kv_blocks, check_sized_within,
+                                    finish_initialize, load_and_profile, reference_greedy)
 
 HOOKS = frozenset({"_cache_device_properties", "load_model", "profile_run", "capture_model"})
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
@@ -39,31 +39,6 @@ def overridden_names(cls: type) -> set[str]:
     """Methods/properties a class defines itself (dunders aside)."""
     return {n for n, v in vars(cls).items() if not (n.startswith("__") and n.endswith("__"))
             and (callable(v) or isinstance(v, (staticmethod, classmethod, property)))}
-
-
-def _prefill_md(n: int) -> AttentionMetadata:
-    qsl, lens = np.array([0, n], np.int32), np.array([n], np.int32)
-    return AttentionMetadata(torch.from_numpy(qsl), torch.from_numpy(lens), torch.zeros(1, 1, dtype=torch.int32),
-                             torch.full((n,), -1, dtype=torch.int64), n, n, n, 1, qsl, lens)
-
-
-@functools.lru_cache(maxsize=None)
-def _reference_model(model_dir: str) -> torch.nn.Module:
-    from models.loader import load_model
-
-    return load_model(model_dir, torch.float32, torch.device("cpu"), TorchAttentionBackend)
-
-
-@torch.inference_mode()
-def reference_greedy(model_dir: str, prompt: tuple[int, ...], n: int) -> list[int]:
-    """n greedy tokens by full recomputation on the CPU in float32 (no paging, no batching)."""
-    model = _reference_model(model_dir)
-    ids = list(prompt)
-    for _ in range(n):
-        t = torch.tensor(ids)
-        hidden = model(t, torch.arange(len(ids)), [None] * model.config.num_hidden_layers, _prefill_md(len(ids)))
-        ids.append(int(model.compute_logits(hidden[-1:]).float().argmax(-1)))
-    return ids[len(prompt):]
 
 
 class StepBuilder:
@@ -129,6 +104,10 @@ class RunnerConformance:
     platform: ClassVar[Platform | None] = None  # default: resolved from ``device``
     dtype: ClassVar[str] = "float32"
     engine_args: ClassVar[dict[str, Any]] = {}
+    kv_sizing_budget: ClassVar[int] = 256 * MIB  # the small device the sizing test presents
+    # Does the KV cache live in host RAM (then it may take half of what is free)? None: the
+    # runner's device is the CPU. A stand-in for a device with its own memory sets False.
+    kv_in_host_memory: ClassVar[bool | None] = None
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -137,14 +116,24 @@ class RunnerConformance:
 
         return default_model_dir()
 
-    @pytest.fixture(scope="class")
     @classmethod
-    def runner(cls, model_dir: str) -> ModelRunnerBase:
+    def new_runner(cls, model_dir: str, platform: Any = None, **overrides: Any) -> ModelRunnerBase:
+        """A runner of the suite's engine arguments (``engine_args``, then ``overrides``), not started."""
         args = dict(model=model_dir, device=cls.device, dtype=cls.dtype, block_size=16, num_kv_blocks=64,
                     max_num_seqs=8, max_num_batched_tokens=128, max_model_len=256)
         args.update(cls.engine_args)
-        runner = cls.runner_cls(EngineConfig(**args), cls.platform)
-        runner.initialize()
+        args.update(overrides)
+        return cls.runner_cls(EngineConfig(**args), platform or cls.platform)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def runner(cls, model_dir: str) -> ModelRunnerBase:
+        runner = cls.new_runner(model_dir)
+        n = load_and_profile(runner)
+        finish_initialize(runner, n)
+        forced = runner.config.num_kv_blocks
+        if forced is not None:  # the engine override wins over any measurement
+            check_kv_blocks(runner, n, forced, f"the engine's num_kv_blocks={forced}")
         return runner
 
     @pytest.fixture
@@ -154,7 +143,8 @@ class RunnerConformance:
         for rid in list(builder.blocks):  # leave the runner empty for the next test
             builder.finish(rid)
         runner.execute_model(builder.step())
-        assert runner.input_batch.num_active == 0 and not runner.requests
+        assert runner.input_batch.num_active == 0 and not runner.requests, \
+            f"finished requests must leave the runner: still holds {sorted(runner.requests)}"
 
     @staticmethod
     def prompt(seed: int, n: int) -> list[int]:
@@ -183,18 +173,51 @@ class RunnerConformance:
 
     def test_kv_cache_initialised_to_spec(self, runner: ModelRunnerBase) -> None:
         spec = runner.get_kv_cache_spec()
-        assert len(runner.kv_caches) == spec.num_layers
+        assert len(runner.kv_caches) == spec.num_layers, f"{len(runner.kv_caches)} KV caches for {spec}"
         shape = (2, runner.num_kv_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         for kv in runner.kv_caches:
-            assert tuple(kv.shape) == shape and kv.dtype == spec.dtype and kv.device.type == runner.device.type
+            assert tuple(kv.shape) == shape and kv.dtype == spec.dtype and kv.device.type == runner.device.type, \
+                f"a KV cache is {tuple(kv.shape)} {kv.dtype} on {kv.device}; the spec gives {shape} {spec.dtype}"
         assert spec.bytes_per_block == 2 * spec.num_layers * spec.block_size * spec.num_kv_heads * \
-            spec.head_dim * kv.element_size()
+            spec.head_dim * kv.element_size(), f"bytes_per_block={spec.bytes_per_block} disagrees with {spec}"
 
     def test_dummy_run_leaves_the_cache_untouched(self, runner: ModelRunnerBase) -> None:
         before = [kv[:, 1:].cpu() for kv in runner.kv_caches]  # all but the null block (host copies:
         hidden = runner._dummy_run(37, 5)  # a lazy device clone may alias a buffer the step donates)
-        assert hidden.shape[0] >= 37 and hidden.shape[1] == runner.model_config.hidden_size
-        assert all(torch.equal(b, kv[:, 1:].cpu()) for b, kv in zip(before, runner.kv_caches))
+        assert hidden.shape[0] >= 37 and hidden.shape[1] == runner.model_config.hidden_size, \
+            f"a dummy step of 37 tokens gave hidden states of shape {tuple(hidden.shape)}"
+        changed = [i for i, (b, kv) in enumerate(zip(before, runner.kv_caches)) if not torch.equal(b, kv[:, 1:].cpu())]
+        assert not changed, f"a dummy step wrote the KV cache of layers {changed} outside the null block"
+
+    # KV sizing ------------------------------------------------------------------------
+    def test_kv_cache_memory_bytes_is_honoured(self, model_dir: str) -> None:
+        bpb = self.new_runner(model_dir).kv_cache_spec.bytes_per_block  # (a runner not started)
+        sized = self.new_runner(model_dir, num_kv_blocks=None, kv_cache_memory_bytes=29 * bpb + bpb // 2)
+        n = load_and_profile(sized)
+        useful = sized.max_num_reqs * sized.max_blocks_per_req + 1  # a runner may stop there
+        if not min(29, useful) <= n <= 29:
+            raise AssertionError(f"{type(sized).__name__}.profile_run() returned {n} KV blocks for "
+                                 f"kv_cache_memory_bytes={29 * bpb + bpb // 2} (29.5 blocks of {bpb} bytes): "
+                                 f"expected 29 (the engine override wins over any measurement)")
+
+    def test_kv_sizing_within_a_small_memory_budget(self, model_dir: str) -> None:
+        view = MemoryBudget(self.platform or resolve_platform(self.device), self.kv_sizing_budget)
+        sized = self.new_runner(model_dir, view, num_kv_blocks=None)
+        try:
+            n = load_and_profile(sized)
+        except AssertionError:
+            raise
+        except Exception as e:
+            raise AssertionError(f"{type(sized).__name__} cannot size its KV cache on {view}: "
+                                 f"{type(e).__name__}: {e}") from e
+        host = self.kv_in_host_memory if self.kv_in_host_memory is not None else sized.device.type == "cpu"
+        check_sized_within(sized, view, n, host)
+        finish_initialize(sized, n)
+        check_kv_blocks(sized, n, n, "its own sizing")
+        steps, p = StepBuilder(sized), self.prompt(9, 23)  # and the sized cache serves a request
+        live = {"a": self.tokens(sized.execute_model(steps.step(new=[("a", p, 0, len(p))])), "a")}
+        self.decode(sized, steps, live, 3)
+        assert_tokens("a request on the sized KV cache", live["a"], reference_greedy(model_dir, tuple(p), 4))
 
     # Execution --------------------------------------------------------------------------
     def test_prefill_then_decode(self, runner, steps, model_dir) -> None:
@@ -202,7 +225,7 @@ class RunnerConformance:
         out = runner.execute_model(steps.step(new=[("a", p, 0, len(p))]))
         toks = {"a": self.tokens(out, "a")}
         self.decode(runner, steps, toks, 7)
-        assert toks["a"] == reference_greedy(model_dir, tuple(p), 8)
+        assert_tokens("prefill then decode", toks["a"], reference_greedy(model_dir, tuple(p), 8))
 
     def test_mixed_batch_and_chunked_prefill(self, runner, steps, model_dir) -> None:
         pa, pb = self.prompt(2, 9), self.prompt(3, 40)
@@ -215,11 +238,14 @@ class RunnerConformance:
             out = runner.execute_model(steps.step(new=new, cached=cached))
             live["a"] += self.tokens(out, "a")
             done += chunk
-            assert (self.tokens(out, "b") == []) == (done < len(pb)), "a partial prefill samples nothing"
+            assert (self.tokens(out, "b") == []) == (done < len(pb)), \
+                f"after {done} of {len(pb)} prompt tokens b sampled {self.tokens(out, 'b')}: only a complete " \
+                f"prefill samples"
         live["b"] = self.tokens(out, "b")
         self.decode(runner, steps, live, 4)
-        assert live["a"] == reference_greedy(model_dir, tuple(pa), len(live["a"]))
-        assert live["b"] == reference_greedy(model_dir, tuple(pb), 5)
+        assert_tokens("a, decoding beside b's prefill chunks", live["a"],
+                      reference_greedy(model_dir, tuple(pa), len(live["a"])))
+        assert_tokens("b, prefilled in three chunks", live["b"], reference_greedy(model_dir, tuple(pb), 5))
 
     def test_prefix_cache_hit(self, runner, steps, model_dir) -> None:
         shared, bs = self.prompt(4, 32), runner.block_size
@@ -230,7 +256,7 @@ class RunnerConformance:
                                               cached=[("a", len(pa), 1)], shared={"b": hit}))
         live = {"b": self.tokens(out, "b")}
         self.decode(runner, steps, live, 3)
-        assert live["b"] == reference_greedy(model_dir, tuple(pb), 4)
+        assert_tokens("b, after a prefix-cache hit", live["b"], reference_greedy(model_dir, tuple(pb), 4))
 
     def test_preemption_and_resume(self, runner, steps, model_dir) -> None:
         p = self.prompt(7, 19)
@@ -239,18 +265,20 @@ class RunnerConformance:
         self.decode(runner, steps, live, 3)
         steps.preempt("a")
         runner.execute_model(steps.step())
-        assert runner.requests["a"].row is None, "a preempted request gives its row back"
+        assert runner.requests["a"].row is None, "a preempted request gives its row back (and keeps its tokens)"
         n = len(p) + len(live["a"])  # recompute every token (the last sampled one has no KV yet)
         out = runner.execute_model(steps.step(cached=[("a", 0, n)], resumed={"a"}))
         live["a"] += self.tokens(out, "a")
         self.decode(runner, steps, live, 3)
-        assert live["a"] == reference_greedy(model_dir, tuple(p), 8)
+        assert_tokens("a, preempted and resumed", live["a"], reference_greedy(model_dir, tuple(p), 8))
 
     def test_finished_requests_free_their_rows(self, runner, steps) -> None:
         p = self.prompt(8, 5)
         runner.execute_model(steps.step(new=[(r, p, 0, len(p)) for r in ("x", "y", "z")]))
-        assert runner.input_batch.num_active == 3
+        assert runner.input_batch.num_active == 3, f"3 requests hold {runner.input_batch.num_active} rows"
         steps.finish("x")
         steps.finish("z")
         out = runner.execute_model(steps.step(cached=[("y", len(p), 1)]))
-        assert out.req_ids == ["y"] and runner.input_batch.num_active == 1 and set(runner.requests) == {"y"}
+        assert out.req_ids == ["y"] and runner.input_batch.num_active == 1 and set(runner.requests) == {"y"}, \
+            f"after x and z finished: rows {runner.input_batch.num_active}, requests {sorted(runner.requests)}, " \
+            f"step output {out.req_ids}"

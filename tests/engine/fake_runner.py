@@ -42,6 +42,9 @@ class FakeRunner:
     slots: dict[int, int] = field(default_factory=dict)  # slot -> identity written there
     freed: Counter = field(default_factory=Counter)  # finished ids received
     history: dict[str, list[int]] = field(default_factory=dict)  # tokens of freed requests
+    # After a failed step finished ids are sent again, or for requests whose step never ran: the
+    # real runner's _drop ignores ids it does not hold. Strict (False) everywhere else.
+    at_least_once: bool = False
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -59,6 +62,8 @@ class FakeRunner:
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         bs = self.sched.block_size
         for rid in so.finished_req_ids:
+            if self.at_least_once and rid not in self.state:
+                continue
             self.history[rid] = self.state.pop(rid).tokens
             self.freed[rid] += 1
         for rid in so.preempted_req_ids:

@@ -112,6 +112,17 @@ def test_no_safetensors_names_the_directory(llama_dir, tmp_path):
         _load(model_dir)
 
 
+@pytest.mark.parametrize("keep", [0.999, 0.5, 1e-6])
+def test_truncated_file_names_the_file(llama_dir, tmp_path, keep):
+    model_dir = _copy(llama_dir, tmp_path)
+    file = model_dir / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:max(int(len(data) * keep), 5)])
+    with pytest.raises(ValueError, match=rf"cannot read safetensors file '{file}' .* truncated or corrupt: "
+                                         r"download or copy it again"):
+        _load(model_dir)
+
+
 def test_wrong_shape_names_tensor_and_shapes(llama_dir, tmp_path):
     model_dir = _copy(llama_dir, tmp_path)
     name = "model.layers.1.self_attn.k_proj.weight"

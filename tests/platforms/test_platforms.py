@@ -1,4 +1,6 @@
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -26,7 +28,9 @@ def test_unknown_name_lists_known(monkeypatch):
 
 def test_device_strings_and_aliases():
     assert resolve_platform("cpu:0").name == "cpu"
-    assert resolve_platform("xla").name == "tpu"  # resolving touches no device (torch_xla is lazy)
+    assert platforms.parse_device("XLA") == ("tpu", None) and platforms.parse_device("gpu:1") == ("cuda", 1)
+    if importlib.util.find_spec("torch_xla") is not None:
+        assert resolve_platform("xla").name == "tpu"  # resolving touches no device (torch_xla is lazy)
 
 
 def test_detection_falls_back_to_cpu(monkeypatch):

@@ -49,6 +49,7 @@ class TestXPURunnerStandIn(RunnerConformance):
     device = "xpu"
     platform = StandInXpuPlatform()
     engine_args = {"attention_backend": "torch"}  # the Triton kernel in a runner: test_cpu_triton_conformance
+    kv_in_host_memory = False  # it stands in for an XPU: its KV cache would be in device memory
 
 
 def test_xpu_runner_reads_device_facts_from_the_platform():

@@ -14,7 +14,9 @@ class ExampleRunner(ModelRunnerBase):
 
     def profile_run(self) -> int:
         self._dummy_run(self.max_num_tokens, sample=True)
-        return self._num_kv_blocks_for(256 * self.kv_cache_spec.bytes_per_block, "the example's fixed 256 blocks")
+        free, _ = self.platform.mem_get_info()  # the device's memory (here the host's), after the dummy step
+        budget = min(free // 4, 256 * self.kv_cache_spec.bytes_per_block)
+        return self._num_kv_blocks_for(budget, "a quarter of free device memory, at most 256 blocks")
 
     def capture_model(self) -> None:
         pass
