@@ -2,8 +2,11 @@
 this host, each running a ``Worker``; the engine's process only schedules.
 
 Control goes through one ``multiprocessing`` pipe per worker: every call is pickled once and
-sent to all ranks, each replies ``(seq, "ok" | "error", payload)``; for a step only rank 0's
-payload carries the ``ModelRunnerOutput`` (every rank samples the same tokens). Replies are
+sent to all ranks, each replies ``(seq, "ok" | "error", payload)``; a step is answered by rank 0
+alone (every rank samples the same tokens; the others write only to report an error). On
+accelerators both ends poll their pipes for a few milliseconds before blocking, so back-to-back
+steps do not pay a sleeping process's wake-up (the CPU platform never spins: the ranks need
+the cores). Replies are
 awaited together with the processes' sentinels, so a worker that raises or dies is reported
 at once, naming its rank, and the executor shuts everything down (a half-done collective
 cannot be resumed). Workers ignore Ctrl-C (the engine's process handles it: a step it stopped
@@ -21,15 +24,25 @@ import pickle
 import shutil
 import signal
 import tempfile
+import time
 import traceback
 import weakref
-from typing import Any
+from typing import Any, NoReturn
 
 from engine.config import EngineConfig
 from engine.executor import Executor, WorkerError, WorkerInfo
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 
 SHUTDOWN_GRACE_S = 5.0
+SPIN_S = 0.005  # how long a waiting end polls before it sleeps (accelerators only)
+
+
+def _poll(conn: multiprocessing.connection.Connection, spin_s: float) -> None:
+    """Return once ``conn`` has data or ``spin_s`` has passed (then the caller blocks)."""
+    if spin_s:
+        deadline = time.perf_counter() + spin_s
+        while not conn.poll(0) and time.perf_counter() < deadline:
+            pass
 
 
 def _die_with_parent() -> None:
@@ -50,9 +63,11 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, init_method: 
     from workers.worker import Worker  # torch is imported here, in the worker
 
     worker = Worker(config, rank, world_size, init_method=init_method)
+    spin_s = 0.0
     try:
         while True:
             try:
+                _poll(conn, spin_s)
                 seq, method, args = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):
                 return  # the engine's process is gone
@@ -61,8 +76,10 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, init_method: 
                 return
             try:
                 result = getattr(worker, method)(*args)
+                if method == "init_device" and worker.platform.device_type != "cpu":
+                    spin_s = SPIN_S
                 if method == "execute_model" and rank != 0:
-                    result = None  # rank 0 answers for the group
+                    continue  # rank 0 answers for the group
                 conn.send((seq, "ok", result))
             except BaseException as e:  # noqa: BLE001 - reported to the engine, which shuts us down
                 conn.send((seq, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -101,6 +118,7 @@ class MultiprocExecutor(Executor):
         self._procs: list[Any] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._seq = 0
+        self._spin_s = 0.0
         self._dead: WorkerError | None = None
         self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns, tmp)
         for rank in range(n):
@@ -119,10 +137,12 @@ class MultiprocExecutor(Executor):
         return [p.pid for p in self._procs]
 
     def initialize(self) -> WorkerInfo:
-        return self._call("initialize")[0]
+        info = self._call("initialize")[0]
+        self._spin_s = SPIN_S if info.platform != "cpu" else 0.0
+        return info
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self._call("execute_model", scheduler_output)[0]
+        return self._call("execute_model", scheduler_output, replies=(0,))[0]
 
     def shutdown(self) -> None:
         self._finalizer()
@@ -130,8 +150,9 @@ class MultiprocExecutor(Executor):
             self._dead = WorkerError("the executor was shut down")
 
     # -------------------------------------------------------------------------------------
-    def _call(self, method: str, *args: Any) -> list[Any]:
-        """Run ``Worker.<method>(*args)`` on every rank; their results in rank order."""
+    def _call(self, method: str, *args: Any, replies: tuple[int, ...] | None = None) -> list[Any]:
+        """Run ``Worker.<method>(*args)`` on every rank; the results of the ranks in ``replies``
+        (default: all) in rank order, None for the others."""
         if self._dead is not None:
             raise WorkerError(f"the workers are gone ({self._dead}); create a new engine", self._dead.rank)
         self._seq += 1
@@ -141,40 +162,39 @@ class MultiprocExecutor(Executor):
                 conn.send_bytes(data)
         except OSError:
             pass  # a dead worker's pipe: its sentinel is reported below
-        return self._gather(self._seq, method)
+        waiting = set(range(len(self._procs)) if replies is None else replies)
+        if len(waiting) == 1:
+            _poll(self._conns[next(iter(waiting))], self._spin_s)
+        return self._gather(self._seq, method, waiting)
 
-    def _gather(self, seq: int, method: str) -> list[Any]:
+    def _gather(self, seq: int, method: str, waiting: set[int]) -> list[Any]:
+        """Wait for ``waiting``'s replies to call ``seq``; any rank's error or death fails the call."""
         results: list[Any] = [None] * len(self._procs)
-        waiting = set(range(len(self._procs)))
         by_conn = {id(c): r for r, c in enumerate(self._conns)}
         by_sentinel = {p.sentinel: r for r, p in enumerate(self._procs)}
         while waiting:
-            objs = [self._conns[r] for r in waiting] + [self._procs[r].sentinel for r in waiting]
+            objs = list(self._conns) + [p.sentinel for p in self._procs]
             ready = multiprocessing.connection.wait(objs)
             for obj in sorted(ready, key=lambda o: isinstance(o, int)):  # replies before deaths
-                if isinstance(obj, int):
-                    rank = by_sentinel[obj]
-                    if rank in waiting:
-                        self._procs[rank].join(SHUTDOWN_GRACE_S)  # reap it, for its exit code
-                        self._fail(f"worker rank {rank} (pid {self._procs[rank].pid}) died with exit code "
-                                   f"{self._procs[rank].exitcode} during {method}", rank)
-                    continue
-                rank = by_conn[id(obj)]
+                rank = by_sentinel[obj] if isinstance(obj, int) else by_conn[id(obj)]
                 try:
+                    if isinstance(obj, int):
+                        raise EOFError
                     got, status, payload = obj.recv()
                 except (EOFError, OSError):
-                    self._procs[rank].join(SHUTDOWN_GRACE_S)
-                    self._fail(f"worker rank {rank} (pid {self._procs[rank].pid}) closed its pipe during "
-                               f"{method} (exit code {self._procs[rank].exitcode})", rank)
-                if got != seq:
-                    continue  # the reply to a call the engine stopped waiting for (Ctrl-C)
-                if status == "error":
+                    proc = self._procs[rank]
+                    proc.join(SHUTDOWN_GRACE_S)  # reap it, for its exit code
+                    self._fail(f"worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode} "
+                               f"during {method}", rank)
+                if status == "error":  # this call's, or a step's whose only news is this error
                     self._fail(f"worker rank {rank} raised during {method}: {payload}", rank)
+                if got != seq or rank not in waiting:
+                    continue  # the reply to a call the engine stopped waiting for (Ctrl-C)
                 results[rank] = payload
                 waiting.discard(rank)
         return results
 
-    def _fail(self, message: str, rank: int) -> None:
+    def _fail(self, message: str, rank: int) -> NoReturn:
         err = WorkerError(message, rank)
         self._finalizer()
         self._dead = err
