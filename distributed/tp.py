@@ -55,6 +55,14 @@ class TPGroup:
         out = out.view(self.size, *x.shape).movedim(0, -2)
         return out.reshape(*x.shape[:-1], self.size * x.shape[-1])
 
+    def describe_all_reduce(self, backend: str) -> str:
+        """E.g. "nccl" or "SymmMemAllReduce up to 8 MiB, then nccl"."""
+        fast = self.small_all_reduce
+        limit = getattr(fast, "max_bytes", None)
+        if fast is None:
+            return backend
+        return f"{type(fast).__name__}" + (f" up to {limit / 2**20:g} MiB" if limit else "") + f", then {backend}"
+
     def __repr__(self) -> str:
         fast = type(self.small_all_reduce).__name__ if self.small_all_reduce is not None else None
         return f"TPGroup(rank={self.rank}, size={self.size}, small_all_reduce={fast})"

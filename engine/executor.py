@@ -47,6 +47,7 @@ class WorkerInfo:
     tensor_parallel_size: int
     num_graphs: int
     memory: str | None = None  # the KV sizing arithmetic, where the runner measured memory
+    all_reduce: str | None = None  # how tensor-parallel all-reduces go (None: one rank)
 
 
 class Executor(ABC):

@@ -74,8 +74,8 @@ def _print(llm: "LLM", outputs: list) -> None:
         print(f"--- {out.prompt!r} ({len(out.prompt_token_ids)} tokens)")
         print(f"{comp.text!r}  [{len(comp.token_ids)} tokens, finish={comp.finish_reason}]")
     i, s = llm.info, llm.stats
-    tp = f", tensor parallel x{i.tensor_parallel_size} ({llm.config.executor_backend})" \
-        if i.tensor_parallel_size > 1 else ""
+    tp = f", tensor parallel x{i.tensor_parallel_size} ({llm.config.executor_backend}, all-reduce: " \
+        f"{i.all_reduce})" if i.tensor_parallel_size > 1 else ""
     print("\nsummary")
     print(f"  device            {i.device} ({i.platform}){tp}")
     print(f"  runner            {i.runner}")

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from platforms.symm_mem import DEFAULT_MAX_BYTES, SymmMemAllReduce
+from platforms.symm_mem import SymmMemAllReduce
 from platforms.interface import AcceleratorPlatform
 
 
@@ -52,9 +52,11 @@ class CudaPlatform(AcceleratorPlatform):
         return "nccl"  # RCCL under the same name on ROCm
 
     def small_all_reduce(self, group: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        """Symmetric-memory all-reduce for messages up to ``RUNNERS_SYMM_MEM_MAX_BYTES``
-        (default 8 MiB; 0 turns it off) where every peer is reachable; else None (NCCL)."""
-        max_bytes = int(os.environ.get("RUNNERS_SYMM_MEM_MAX_BYTES", DEFAULT_MAX_BYTES))
+        """Symmetric-memory all-reduce for messages up to ``RUNNERS_SYMM_MEM_MAX_BYTES`` (unset or
+        0: off, NCCL for every size). Off by default: on 2 x H200 it beat NCCL per call in a graph
+        of back-to-back all-reduces, yet bs=1 decode of the 8B shape ran faster with NCCL alone
+        (244 vs 230 tok/s; benchmarks/gpu_tp.py 8b)."""
+        max_bytes = int(os.environ.get("RUNNERS_SYMM_MEM_MAX_BYTES", "0") or 0)
         if max_bytes <= 0 or torch.version.hip is not None:
             return None
         try:

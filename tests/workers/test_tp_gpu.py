@@ -1,5 +1,5 @@
-"""Tensor parallelism on two GPUs: CUDA graphs capture the all-reduces (symmetric memory for small
-messages, NCCL for large ones) and TP=2 gives TP=1's tokens."""
+"""Tensor parallelism on two GPUs: CUDA graphs capture the all-reduces (NCCL, or symmetric memory
+for small messages when enabled) and TP=2 gives TP=1's tokens."""
 import pytest
 import torch
 
@@ -10,8 +10,10 @@ pytestmark = [pytest.mark.gpu,
                                  reason="needs two CUDA GPUs")]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_two_gpus_match_one_with_graphs(dtype):
+@pytest.mark.parametrize("dtype,symm_mem", [("float32", False), ("float32", True), ("bfloat16", False)])
+def test_two_gpus_match_one_with_graphs(dtype, symm_mem, monkeypatch):
+    if symm_mem:  # small all-reduces through symmetric memory instead of NCCL (the workers inherit it)
+        monkeypatch.setenv("RUNNERS_SYMM_MEM_MAX_BYTES", str(8 << 20))
     args = dict(device="cuda", dtype=dtype, max_model_len=512, max_num_seqs=64, max_num_batched_tokens=256,
                 attention_backend="triton")
     prompts = [[(7 * i + j) % 300 + 1 for j in range(5 + 9 * i)] for i in range(40)]  # decode batches pad to 40
@@ -20,6 +22,7 @@ def test_two_gpus_match_one_with_graphs(dtype):
         ref = one.generate(prompts, params, use_tqdm=False)
     with LLM(tensor_parallel_size=2, **args) as two:
         assert two.info.num_graphs > 0, "decode graphs (with their all-reduces) were captured"
+        assert two.info.all_reduce == ("SymmMemAllReduce up to 8 MiB, then nccl" if symm_mem else "nccl")
         got = two.generate(prompts, params, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in got]
     if dtype == "float32":
