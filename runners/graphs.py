@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from runners.base import ModelRunnerBase, StepInputs
+    from runners.base import ModelRunnerBase
+    from runners.inputs import StepInputs
 
 
 def default_graph_sizes(max_size: int) -> list[int]:
@@ -47,7 +48,7 @@ def capture_decode_graphs(runner: "ModelRunnerBase", sizes: list[int]) -> None:
     for n in sorted(sizes, reverse=True):
         runner._dummy_run(n, n)  # warm-up: compiles kernels, settles allocations
         runner._dummy_run(n, n)
-        step = runner._dummy_step(n, n)
+        step = runner.inputs.dummy(n, n)
         graph = platform.new_graph()
         with platform.graph_capture(graph, pool):
             out = runner.model(step.input_ids, step.positions, runner.kv_caches, step.md)

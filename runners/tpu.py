@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from runners.base import ModelRunnerBase, _buckets
+from runners.base import ModelRunnerBase
+from runners.inputs import pad_to, power_of_two_buckets
 from runners.sampling_metadata import SamplingMetadata
 
 MIN_TOKEN_BUCKET = 16
@@ -50,8 +51,8 @@ class TPURunner(ModelRunnerBase):
         self.num_devices = xr.global_runtime_device_count()
         self.persistent_buffers = False  # fresh uploads: updating a device buffer in place is traced
         self.use_inference_mode = False  # torch_xla cannot view a weight inside inference_mode
-        self.token_buckets = _buckets(self.max_num_tokens, min(MIN_TOKEN_BUCKET, self.max_num_tokens))
-        self.req_buckets = _buckets(self.max_num_reqs, min(MIN_REQ_BUCKET, self.max_num_reqs))
+        self.token_buckets = power_of_two_buckets(self.max_num_tokens, min(MIN_TOKEN_BUCKET, self.max_num_tokens))
+        self.req_buckets = power_of_two_buckets(self.max_num_reqs, min(MIN_REQ_BUCKET, self.max_num_reqs))
         self.step_shapes = step_shapes(self.token_buckets, self.req_buckets)
         self.compile_seconds = 0.0
 
@@ -90,7 +91,7 @@ class TPURunner(ModelRunnerBase):
         vocab, cands = self.model_config.vocab_size, self.sampling_state.num_candidates
         for tokens, reqs, _ in self.step_shapes:
             hidden = self._dummy_run(tokens, reqs)
-            top = self.req_buckets.index(self._pad(reqs, self.req_buckets))
+            top = self.req_buckets.index(pad_to(reqs, self.req_buckets))
             for rows in self.req_buckets[:top + 1]:
                 if (hidden.shape[0], rows) in done:
                     continue

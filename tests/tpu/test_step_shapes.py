@@ -2,7 +2,8 @@
 torch_xla needed: the runner imports it only in its hooks)."""
 import pytest
 
-from runners.base import ModelRunnerBase, _buckets
+from runners.inputs import pad_to as pad
+from runners.inputs import power_of_two_buckets as _buckets
 from runners.tpu import MIN_REQ_BUCKET, MIN_TOKEN_BUCKET, step_shapes
 
 pytestmark = pytest.mark.cpu
@@ -12,7 +13,6 @@ pytestmark = pytest.mark.cpu
 def test_step_shapes_are_exactly_the_reachable_padded_shapes(max_tokens: int, max_reqs: int) -> None:
     tb = _buckets(max_tokens, min(MIN_TOKEN_BUCKET, max_tokens))
     rb = _buckets(max_reqs, min(MIN_REQ_BUCKET, max_reqs))
-    pad = ModelRunnerBase._pad
     reachable = {(pad(n, tb), pad(k, rb), n == k)
                  for n in range(1, max_tokens + 1) for k in range(1, min(n, max_reqs) + 1)}
     shapes = step_shapes(tb, rb)
