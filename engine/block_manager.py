@@ -45,7 +45,9 @@ class KVBlockManager:
         self._cached: dict[bytes, int] = {}  # hash -> block id
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
         self._held: dict[str, _Held] = {}  # request id -> its blocks
-        self._uncommitted: list[int] = []  # registered since commit(): their KV may be unwritten
+        # Cache entries registered per scheduled step, oldest first, until that step has run
+        # (their KV may be unwritten): one step in flight, or two under async scheduling.
+        self._uncommitted: list[list[int]] = []
         # Counters: prompt tokens looked up / served from the cache at first admission.
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
@@ -147,8 +149,9 @@ class KVBlockManager:
             self.num_hit_tokens += len(hits) * bs
         limit = len(held.table) * bs
         if self.enable_prefix_caching:
-            if total // bs > held.offered:
-                self._cache_full_blocks(req, held, total // bs)
+            known = min(total, len(req.all_token_ids))  # a placeholder's id is not known yet
+            if known // bs > held.offered:
+                self._cache_full_blocks(req, held, known // bs)
             limit = min(limit, (held.offered + 1) * bs - 1)  # until the next block fills
         held.fast_limit = limit
         return new_ids
@@ -176,24 +179,32 @@ class KVBlockManager:
             return False
         self._cached.clear()
         self.block_hash = [None] * self.num_blocks
-        self._uncommitted.clear()
+        self._uncommitted = []
         return True
 
-    def commit(self) -> None:
-        """The step that filled the blocks registered since the last commit has run: keep them."""
-        self._uncommitted.clear()
+    def commit(self, oldest_only: bool = False) -> None:
+        """The steps that fill the blocks registered so far have run: keep them (``oldest_only``:
+        just the oldest step's, async scheduling)."""
+        if oldest_only:
+            del self._uncommitted[:1]
+        else:
+            self._uncommitted = []
+
+    def open_step(self) -> None:
+        """Blocks registered from now on belong to a new scheduled step (called by ``schedule``)."""
+        self._uncommitted.append([])
 
     def discard_uncommitted(self) -> None:
         """The step that was to fill the blocks registered since the last commit did not complete:
         forget their cache entries (the KV may be unwritten). Earlier entries stay valid."""
-        for b in self._uncommitted:
+        for b in (b for step in self._uncommitted for b in step):
             h = self.block_hash[b]
             if h is not None and self._cached.get(h) == b:
                 del self._cached[h]
             self.block_hash[b] = None
             if b in self._free:  # nothing worth keeping: reuse it first
                 self._free.move_to_end(b, last=False)
-        self._uncommitted.clear()
+        self._uncommitted = []
 
     # Internals ----------------------------------------------------------------------
     def _take_free_block(self) -> int:
@@ -217,5 +228,7 @@ class KVBlockManager:
             if block_hash[b] is None and h not in cached:
                 cached[h] = b
                 block_hash[b] = h
-                self._uncommitted.append(b)
+                if not self._uncommitted:
+                    self._uncommitted.append([])
+                self._uncommitted[-1].append(b)
         held.offered = n_full

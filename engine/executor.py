@@ -10,6 +10,10 @@ The engine only sees this contract:
   and warms up (graphs), and returns a ``WorkerInfo``;
 - ``execute_model(scheduler_output)`` runs one step on every rank and returns rank 0's
   ``ModelRunnerOutput`` (every rank samples the same tokens);
+- ``execute_model_async(scheduler_output)`` launches a step and returns a ``StepHandle``
+  at once; ``handle.result()`` gives the output. Handles are resolved in launch order. With
+  async scheduling the engine launches step n+1 before it resolves step n. The default runs
+  the step synchronously (a handle that is already done);
 - ``shutdown()`` stops the workers and leaves no process behind; it is idempotent.
 
 A worker that raises or dies makes the call raise ``WorkerError`` naming the rank; the
@@ -50,6 +54,23 @@ class WorkerInfo:
     all_reduce: str | None = None  # how tensor-parallel all-reduces go (None: one rank)
 
 
+class StepHandle(ABC):
+    """A launched step; ``result()`` waits for it (once; later calls return the same output)."""
+
+    @abstractmethod
+    def result(self) -> ModelRunnerOutput: ...
+
+
+class DoneStep(StepHandle):
+    """A step that has already run."""
+
+    def __init__(self, output: ModelRunnerOutput) -> None:
+        self.output = output
+
+    def result(self) -> ModelRunnerOutput:
+        return self.output
+
+
 class Executor(ABC):
     """One engine's workers; see the module docstring for the contract."""
 
@@ -63,6 +84,10 @@ class Executor(ABC):
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; rank 0's output."""
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Launch one step; its output through the handle (default: run it now)."""
+        return DoneStep(self.execute_model(scheduler_output))
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -30,7 +30,7 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids",
                  "cache_salt", "output_token_ids", "all_token_ids", "num_computed_tokens",
                  "num_cached_tokens", "status", "stop_reason", "arrival", "logprobs",
-                 "num_preemptions", "block_hashes")
+                 "num_preemptions", "block_hashes", "num_output_placeholders")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, eos_token_ids: tuple[int, ...] = (),
@@ -52,6 +52,9 @@ class Request:
         self.logprobs: list = []
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []  # chained hashes of full blocks (engine/hashing.py)
+        # Tokens scheduled to be sampled whose ids have not arrived yet (async scheduling: the
+        # next step computes them; their KV slots are allocated, their ids are still unknown).
+        self.num_output_placeholders = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -60,6 +63,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.all_token_ids) + self.num_output_placeholders
 
     @property
     def num_output_tokens(self) -> int:

@@ -61,7 +61,11 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished: dict[str, Request] = {}  # since the last schedule()
         self._resend: set[str] = set()  # finished ids a failed step may not have delivered
-        self._inflight: SchedulerOutput | None = None  # scheduled, its output not yet applied
+        # Scheduled, output not yet applied, oldest first (one step; two with async scheduling),
+        # with the ids of the requests each step samples a token for.
+        self._inflight: deque[tuple[SchedulerOutput, set[str]]] = deque()
+        self.async_scheduling = bool(getattr(config, "async_scheduling", False))
+        self.last_accepted: set[str] = set()  # ids whose tokens the last update appended
         self.num_preemptions = 0
         self.num_finished = 0
 
@@ -124,12 +128,13 @@ class Scheduler:
         be unwritten), its finished ids are reported again, and every request it scheduled or
         preempted is aborted (their progress is unknown). Returns the ids aborted. After an
         interrupted ``schedule()`` the caller aborts the requests it may have touched."""
-        so, self._inflight = self._inflight, None
+        steps, self._inflight = [so for so, _ in self._inflight], deque()
         self.kv.discard_uncommitted()  # also those of a schedule() that never returned
-        if so is None:
-            return []
-        self._resend |= so.finished_req_ids
-        return self.abort_requests([*so.num_scheduled_tokens, *so.preempted_req_ids])
+        ids: list[str] = []
+        for so in steps:
+            self._resend |= so.finished_req_ids
+            ids += [*so.num_scheduled_tokens, *so.preempted_req_ids]
+        return self.abort_requests(ids)
 
     def drain_finished(self) -> SchedulerOutput:
         """A step that schedules nothing and reports the requests ended since the last one, so the
@@ -137,7 +142,8 @@ class Scheduler:
         so = SchedulerOutput.empty()
         so.finished_req_ids = self._take_finished()
         self.kv.commit()
-        self._inflight = so
+        self.kv.open_step()
+        self._inflight.append((so, set()))
         return so
 
     def has_unfinished_requests(self) -> bool:
@@ -163,11 +169,21 @@ class Scheduler:
 
     # One step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        """Decide this step; advances ``num_computed_tokens`` of every scheduled request."""
+        """Decide this step; advances ``num_computed_tokens`` of every scheduled request.
+
+        A request that samples in this step gets a placeholder for its token until
+        ``update_from_output`` brings it. With async scheduling the next ``schedule()`` may come
+        first: a running request then computes its placeholder (the runner fills the id in on
+        the device), unless the placeholder already ends it (max_tokens, max_model_len).
+        """
         budget = self.config.max_num_batched_tokens
         cap = self.config.long_prefill_token_threshold
         kv, running = self.kv, self.running
-        kv.commit()  # a new step: the previous one's outcome was accepted
+        if not self.async_scheduling:
+            kv.commit()  # a new step: the previous one's outcome was accepted
+        kv.open_step()
+        sampling: set[str] = set()
+        mml = self.max_model_len
         num_scheduled: dict[str, int] = {}
         cached = CachedRequestData()
         c_ids, c_resumed = cached.req_ids, cached.resumed_from_preemption
@@ -179,7 +195,11 @@ class Scheduler:
         for req in running:  # preemption pops the tail, which this loop then never reaches
             if budget <= 0:
                 break
-            n = len(req.all_token_ids) - req.num_computed_tokens
+            if req.num_output_placeholders and (
+                    req.num_output_tokens + req.num_output_placeholders >= req.sampling_params.max_tokens
+                    or req.num_tokens_with_placeholders >= mml):
+                continue  # its pending token ends it: nothing more to compute
+            n = req.num_tokens_with_placeholders - req.num_computed_tokens
             if n > 1 and 0 < cap < n:
                 n = cap
             if n > budget:
@@ -196,15 +216,18 @@ class Scheduler:
             num_scheduled[rid] = n
             req.num_computed_tokens += n
             budget -= n
+            if req.num_computed_tokens >= req.num_tokens_with_placeholders:
+                req.num_output_placeholders += 1
+                sampling.add(rid)
         c_resumed.extend([False] * len(c_ids))
 
         new_reqs: list[NewRequestData] = []
         if not preempted:
-            budget = self._admit(budget, cached, new_reqs, num_scheduled)
+            budget = self._admit(budget, cached, new_reqs, num_scheduled, sampling)
 
         so = SchedulerOutput(new_reqs, cached, num_scheduled, self.config.max_num_batched_tokens - budget,
                              self._take_finished(), preempted)
-        self._inflight = so
+        self._inflight.append((so, sampling))
         return so
 
     def _take_finished(self) -> set[str]:
@@ -214,7 +237,7 @@ class Scheduler:
         return finished
 
     def _admit(self, budget: int, cached: CachedRequestData, new_reqs: list[NewRequestData],
-               num_scheduled: dict[str, int]) -> int:
+               num_scheduled: dict[str, int], sampling: set[str]) -> int:
         """Move waiting requests to running, FCFS, while budget, seats and blocks last."""
         kv, waiting, running = self.kv, self.waiting, self.running
         cap = self.config.long_prefill_token_threshold
@@ -246,6 +269,9 @@ class Scheduler:
             req.num_computed_tokens = num_hit + n
             num_scheduled[rid] = n
             budget -= n
+            if req.num_computed_tokens >= req.num_tokens_with_placeholders:
+                req.num_output_placeholders += 1
+                sampling.add(rid)
         return budget
 
     def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[Request]:
@@ -255,20 +281,22 @@ class Scheduler:
         since ``sched`` was made (aborts) are ignored. Logprobs are the engine's to keep.
         ``sched`` is the output this ``out`` answers (part of the contract; unused today).
         """
-        requests, mml, running = self.requests, self.max_model_len, _RUNNING
-        self._inflight = None
-        self.kv.commit()
+        requests, mml = self.requests, self.max_model_len
+        sampling = self._inflight.popleft()[1] if self._inflight else set()
+        self.last_accepted = accepted = set()
+        self.kv.commit(oldest_only=self.async_scheduling)
         finished: list[Request] = []
         for rid, tokens in zip(out.req_ids, out.sampled_token_ids):
             req = requests.get(rid)
-            if req is None or req.status is not running:
-                continue
+            if req is None or rid not in sampling:
+                continue  # ended since (its late token is dropped), or a partial prefill
             if not tokens:
-                if req.num_computed_tokens >= len(req.all_token_ids):
-                    raise RuntimeError(f"request {rid!r} finished its prefill but the runner "
-                                       f"sampled no token for it")
+                raise RuntimeError(f"request {rid!r} finished its prefill but the runner sampled no token for it")
+            req.num_output_placeholders -= 1
+            if req.status.finished:
                 continue
-            for tok in tokens:
+            accepted.add(rid)
+            for tok in tokens:  # a request preempted since this step was made takes its token too
                 req.append_token(tok)
                 if req.check_stop(mml):
                     finished.append(req)
@@ -277,6 +305,8 @@ class Scheduler:
             for req in finished:
                 self._release(req)
             self.running = [r for r in self.running if r.status is _RUNNING]
+            if any(r.request_id in self._finished for r in self.waiting):  # preempted since
+                self.waiting = deque(r for r in self.waiting if not r.status.finished)
         return finished
 
     # Internals -------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Sequence
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import Executor, WorkerError, WorkerInfo
-from engine.outputs import CompletionOutput, ModelRunnerOutput, RequestMetrics, RequestOutput
+from engine.outputs import CompletionOutput, ModelRunnerOutput, RequestMetrics, RequestOutput, SchedulerOutput
 from engine.prompts import normalize_prompts, token_ids
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -74,6 +74,8 @@ class LLM:
         self._ids = itertools.count()
         self.stats = GenerationStats()
         self._aborts: deque[str] = deque()  # ids to abort at the next step boundary
+        self._pending: tuple | None = None  # async scheduling: the launched step not yet applied
+        self._last_applied = 0.0
         self._generating = False
 
     @property
@@ -132,9 +134,10 @@ class LLM:
         self.stats = stats = GenerationStats()
         t_start = time.perf_counter()
         metrics = {r.request_id: RequestMetrics(t_start) for r in requests}
+        step = self._step_async if self.config.async_scheduling else self._step
         try:
-            while self.scheduler.has_unfinished_requests():
-                finished = self._step(detoks, stats, metrics) + len(self._apply_aborts())
+            while self.scheduler.has_unfinished_requests() or self._pending is not None:
+                finished = step(detoks, stats, metrics) + len(self._apply_aborts())
                 if bar is not None and finished:
                     bar.update(finished)
             if self.scheduler.has_finished_requests():  # let the runner free their state now
@@ -146,20 +149,46 @@ class LLM:
         return [self._output(r, detoks.get(r.request_id), p, metrics[r.request_id])
                 for r, p in zip(requests, prompts)]
 
-    def _step(self, detoks: dict[str, IncrementalDetokenizer], stats: GenerationStats,
-              metrics: dict[str, RequestMetrics]) -> int:
+    def _schedule(self) -> tuple[SchedulerOutput, int]:
+        """The next step and how many of its tokens are prompt tokens (for the stats)."""
         so = self.scheduler.schedule()
-        if so.total_num_scheduled_tokens == 0 and not so.finished_req_ids:
+        if so.total_num_scheduled_tokens == 0 and not so.finished_req_ids and self._pending is None:
             raise RuntimeError("the scheduler made no progress with requests still unfinished")
         prefill = 0
         for rid, n in so.num_scheduled_tokens.items():
             req = self.scheduler.get_request(rid)
             todo = req.num_prompt_tokens - (req.num_computed_tokens - n)
             prefill += min(max(todo, 0), n)
+        return so, prefill
+
+    def _step(self, detoks: dict[str, IncrementalDetokenizer], stats: GenerationStats,
+              metrics: dict[str, RequestMetrics]) -> int:
+        """One step: schedule, run, apply its output."""
+        so, prefill = self._schedule()
         t = time.perf_counter()
-        out = self.executor.execute_model(so)
+        return self._apply(so, prefill, t, self.executor.execute_model(so), detoks, stats, metrics)
+
+    def _step_async(self, detoks: dict[str, IncrementalDetokenizer], stats: GenerationStats,
+                    metrics: dict[str, RequestMetrics]) -> int:
+        """Async scheduling: schedule and launch step n+1, then apply step n's output, so the host
+        prepares the next step while the device runs this one."""
+        launched = None
+        if self.scheduler.has_unfinished_requests():
+            so, prefill = self._schedule()
+            launched = (so, prefill, time.perf_counter(), self.executor.execute_model_async(so))
+        pending, self._pending = self._pending, launched
+        if pending is None:
+            return 0
+        so, prefill, t, handle = pending
+        return self._apply(so, prefill, max(t, self._last_applied), handle.result(), detoks, stats, metrics)
+
+    def _apply(self, so: SchedulerOutput, prefill: int, t: float, out: ModelRunnerOutput,
+               detoks: dict[str, IncrementalDetokenizer], stats: GenerationStats,
+               metrics: dict[str, RequestMetrics]) -> int:
+        """Apply one step's output: scheduler, metrics, logprobs, detokenizer and stop strings."""
         finished = self.scheduler.update_from_output(so, out)
-        now = time.perf_counter()
+        accepted = self.scheduler.last_accepted
+        now = self._last_applied = time.perf_counter()
         dt = now - t
         stats.steps += 1
         if prefill:
@@ -171,8 +200,8 @@ class LLM:
         stopped = []
         for i, rid in enumerate(out.req_ids):
             toks = out.sampled_token_ids[i]
-            if not toks:
-                continue
+            if not toks or rid not in accepted:
+                continue  # a partial prefill, or a late token of a request that had ended
             stats.output_tokens += len(toks)
             m = metrics[rid]
             if m.first_token_time is None:
@@ -217,7 +246,8 @@ class LLM:
 
     def _recover(self, request_ids: list[str], exc: BaseException) -> None:
         """After an exception inside ``generate``: abort its requests everywhere, keep what is valid."""
-        self.scheduler.discard_step()  # a step cut short: its outcome is unknown
+        self._pending = None
+        self.scheduler.discard_step()  # the steps cut short: their outcome is unknown
         self.scheduler.abort_requests(request_ids)
         self._aborts.clear()
         if isinstance(exc, WorkerError):

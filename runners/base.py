@@ -13,6 +13,7 @@ import torch
 from attention import AttentionMetadata, get_attn_backend
 from distributed import TPGroup
 from engine.config import EngineConfig
+from engine.executor import DoneStep, StepHandle
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 from models.config import ModelConfig
 from platforms import Platform, resolve_platform
@@ -22,6 +23,7 @@ from runners.kv_cache import KVCacheSpec, blocks_for_bytes
 from runners.request_table import RequestTable
 from runners.sampler import Sampler
 from runners.sampling_state import SamplingState
+from runners.step_output import RunnerStep
 from runners.step_buffers import StepBuffers
 
 
@@ -78,6 +80,7 @@ class ModelRunnerBase(ABC):
         self.sampling_state = SamplingState(self.max_num_reqs, mc.vocab_size, self.device,
                                             config.seed, mc.eos_token_ids)
         self.requests = RequestTable(self.input_batch, self.sampling_state)
+        self._last_step: RunnerStep | None = None  # the last launched step (its ids may be unread)
         self.sampler = Sampler()
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
@@ -96,6 +99,9 @@ class ModelRunnerBase(ABC):
         self.buffers = StepBuffers(max_tokens, pad_to(self.max_num_reqs, self.req_buckets),
                                    self.max_blocks_per_req, self.device,
                                    pin_memory=self.platform.pin_memory, persistent=self.persistent_buffers)
+        pin = self.platform.pin_memory and self.device.type not in ("cpu", "xla")
+        self._host_ids = [torch.empty(self.max_num_reqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._host_flip = 0
         self.inputs = InputBuilder(self.buffers, self.input_batch, self.attn_backend,
                                    Padding(self.token_buckets, self.req_buckets, self.decode_buckets),
                                    self.block_size, self.max_model_len, self.max_blocks_per_req)
@@ -158,31 +164,51 @@ class ModelRunnerBase(ABC):
                                 max_useful=max_useful, budget_desc=budget_desc)
 
     # One step -------------------------------------------------------------------------
-    @_no_grad
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and return its sampled tokens (``execute_model_async(...).result()``)."""
+        return self.execute_model_async(scheduler_output).result()
+
+    @_no_grad
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Launch one step without waiting for it: forward and sampling are queued on the device;
+        the handle's ``result()`` brings the ids to the host. Resolve handles in launch order; a
+        step launched before the previous one is resolved takes that one's ids on the device."""
         self._update_states(scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput([], [])
+            return DoneStep(ModelRunnerOutput([], []))
         step = self._prepare_inputs(scheduler_output)
+        if self._last_step is not None:
+            self._last_step.scatter_pending(step)
         hidden = self._forward(step)
-        sampled: list[list[int]] = [[] for _ in step.req_ids]
-        logprobs = None
-        if len(step.sample_rows):
-            logits = self.model.compute_logits(hidden[step.logits_indices]).float()
-            out = self.sampler(logits, self.sampling_state.prepare(step.sample_rows))
-            n = int(step.sample_mask.sum())  # sample_rows beyond n are padding (static shapes)
-            ids = out.sampled_token_ids.cpu().numpy()[:n]  # the step's one host sync
-            self.input_batch.append_sampled(step.sample_rows[:n], ids)
-            self.sampling_state.update(step.sample_rows[:n], out.sampled_token_ids[:n])
-            where = np.flatnonzero(step.sample_mask)
-            for i, tok in zip(where.tolist(), ids.tolist()):
-                sampled[i] = [tok]
-            if out.logprobs is not None:
-                lp = out.logprobs.to_lists()
-                logprobs = [None] * len(step.req_ids)
-                for i, entry in zip(where.tolist(), lp):
-                    logprobs[i] = entry
-        return ModelRunnerOutput(step.req_ids, sampled, logprobs)
+        n = int(step.sample_mask.sum())  # sample_rows beyond n are padding (static shapes)
+        if n == 0:
+            return DoneStep(ModelRunnerOutput(step.req_ids, [[] for _ in step.req_ids]))
+        logits = self.model.compute_logits(hidden[step.logits_indices]).float()
+        out = self.sampler(logits, self.sampling_state.prepare(step.sample_rows))
+        rows, ids = step.sample_rows[:n], out.sampled_token_ids[:n]
+        self.sampling_state.update(rows, ids)
+        positions = self.input_batch.append_placeholders(rows)
+        where = np.flatnonzero(step.sample_mask)
+        host, event = self._copy_to_host(ids)
+        self._last_step = RunnerStep(step.req_ids, where, [self.requests[step.req_ids[i]] for i in where.tolist()],
+                                     positions, ids, host, event,
+                                     out.logprobs.to_lists if out.logprobs is not None else None,
+                                     self.requests.get, self.input_batch)
+        return self._last_step
+
+    def _copy_to_host(self, ids: torch.Tensor) -> tuple[torch.Tensor | None, object | None]:
+        """Start copying ``ids`` to pinned host memory (two buffers: two steps may be unread);
+        None on the CPU (nothing to copy) and on XLA (read back at once: a lazy tensor)."""
+        if self.device.type == "cpu":
+            return None, None
+        if self.device.type == "xla" or not self.platform.pin_memory:
+            return ids.cpu(), None
+        self._host_flip ^= 1
+        buf = self._host_ids[self._host_flip][:ids.shape[0]]
+        buf.copy_(ids, non_blocking=True)
+        event = torch.Event(device=self.device)
+        event.record()
+        return buf, event
 
     def _forward(self, step: StepInputs) -> torch.Tensor:
         key = (step.input_ids.shape[0], step.md.query_start_loc.shape[0] - 1)

@@ -81,9 +81,12 @@ class InputBatch:
         self.num_blocks[row] = 0
         self._free_rows.append(row)
 
-    def append_sampled(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
-        """Write one sampled token at the end of each row (vectorised)."""
+    def append_placeholders(self, rows: np.ndarray) -> np.ndarray:
+        """One more token at the end of each row, its id not known yet (-1 until the step's
+        output writes it); returns the positions."""
         ends = self.num_tokens[rows]
-        ok = ends < self.max_model_len  # a request at max_model_len is finished by the scheduler
-        self.token_ids[rows[ok], ends[ok]] = token_ids[ok]
-        self.num_tokens[rows[ok]] = ends[ok] + 1
+        if (ends >= self.max_model_len).any():
+            raise ValueError(f"a request sampled past max_model_len={self.max_model_len}")
+        self.token_ids[rows, ends] = -1
+        self.num_tokens[rows] = ends + 1
+        return ends

@@ -3,7 +3,7 @@ no process group); ``InProcessExecutor`` is what it shares with the torchrun exe
 from __future__ import annotations
 
 from engine.config import EngineConfig
-from engine.executor import Executor, WorkerInfo
+from engine.executor import Executor, StepHandle, WorkerInfo
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 from runners import ModelRunnerBase
 from workers.worker import Worker
@@ -24,6 +24,9 @@ class InProcessExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        return self.worker.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         self.worker.shutdown()

@@ -19,7 +19,7 @@ import torch
 
 from distributed import TPGroup
 from engine.config import EngineConfig
-from engine.executor import WorkerInfo
+from engine.executor import StepHandle, WorkerInfo
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 from platforms import Platform, resolve_platform
 from runners import ModelRunnerBase, get_runner_cls
@@ -107,6 +107,9 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        return self.runner.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         """Leave the process group and free the runner's device memory (idempotent)."""
