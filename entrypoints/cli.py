@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=8192)
     g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="schedule and launch step n+1 while step n runs (default: off)")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks (one process each; default 1)")
     g.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "external_launcher"],
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                   attention_backend=args.attention_backend, num_kv_blocks=args.num_kv_blocks,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+                  async_scheduling=args.async_scheduling,
                   tensor_parallel_size=args.tp, distributed_executor_backend=args.distributed_executor_backend)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - reported in one line
         return _fail(e)

@@ -79,6 +79,7 @@ class InputBuilder:
         """Vectorised: positions, token ids, slots, block table, query starts, seq lens of
         ``num_sched[i]`` tokens for the request in row ``rows[i]``. ``dummy``: fake requests
         from position 0, slots -1 (the KV cache is untouched), block tables on the null block."""
+        self.buffers.next_set()
         b, ib, bs = self.buffers.np, self.input_batch, self.block_size
         n_reqs, n = len(num_sched), int(num_sched.sum())
         n_pad, r_pad, static = self.padding.shape(n, n_reqs)

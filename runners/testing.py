@@ -272,6 +272,27 @@ class RunnerConformance:
         self.decode(runner, steps, live, 3)
         assert_tokens("a, preempted and resumed", live["a"], reference_greedy(model_dir, tuple(p), 8))
 
+    def test_steps_launched_one_ahead(self, runner, steps, model_dir) -> None:
+        """Async scheduling's pattern: each step is launched before the previous one's output is
+        read; the runner takes the unread tokens from the device."""
+        pa, pb = self.prompt(9, 11), self.prompt(10, 23)
+        handle = runner.execute_model_async(steps.step(new=[("a", pa, 0, len(pa)), ("b", pb, 0, len(pb))]))
+        computed, live = {"a": len(pa), "b": len(pb)}, {"a": [], "b": []}
+        for _ in range(6):
+            launched = runner.execute_model_async(steps.step(cached=[(r, computed[r], 1) for r in live]))
+            out = handle.result()
+            for rid in live:
+                live[rid] += self.tokens(out, rid)
+                computed[rid] += 1
+            handle = launched
+        out = handle.result()
+        for rid in live:
+            live[rid] += self.tokens(out, rid)
+        assert_tokens("a, launched one step ahead", live["a"], reference_greedy(model_dir, tuple(pa), 7))
+        assert_tokens("b, launched one step ahead", live["b"], reference_greedy(model_dir, tuple(pb), 7))
+        assert list(runner.input_batch.tokens(runner.requests["a"].row)[len(pa):]) == live["a"], \
+            "the host copy of the tokens was completed once the outputs were read"
+
     def test_finished_requests_free_their_rows(self, runner, steps) -> None:
         p = self.prompt(8, 5)
         runner.execute_model(steps.step(new=[(r, p, 0, len(p)) for r in ("x", "y", "z")]))

@@ -61,3 +61,15 @@ def test_async_equals_sync(name):
     assert {"stop", "length"} <= reasons, reasons  # stop strings/tokens and max_tokens both happened
     if name == "tiny pool (preemption)":
         assert a_stats.num_preemptions > 0 and s_stats.num_preemptions > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_async_equals_sync_on_the_gpu(enforce_eager):
+    """On a GPU the next step is built while the device still runs this one (staging buffers by
+    turns, ids read back behind an event), with decode CUDA graphs or eager."""
+    args = dict(device="cuda", dtype="float32", max_num_batched_tokens=64, enforce_eager=enforce_eager,
+                attention_backend="triton")
+    sync, _ = _run(False, **args)
+    asyn, _ = _run(True, **args)
+    assert [a[:4] for a in asyn] == [s[:4] for s in sync]
