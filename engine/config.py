@@ -41,7 +41,8 @@ class EngineConfig:
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
     cuda_graph_sizes: list[int] = field(default_factory=list)  # empty: the runner's default
     tensor_parallel_size: int = 1
-    async_scheduling: bool = False  # schedule step n+1 while step n runs (see entrypoints/llm.py)
+    # Schedule and launch step n+1 while step n runs; None: on where it was proven (CUDA), else off.
+    async_scheduling: bool | None = None
     distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"
 
     def __post_init__(self) -> None:
@@ -68,8 +69,8 @@ class EngineConfig:
         for s in self.cuda_graph_sizes:
             _positive("cuda_graph_sizes", s)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
-        if not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS} (or None), "

@@ -25,8 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=8192)
     g.add_argument("--enforce-eager", action="store_true")
-    g.add_argument("--async-scheduling", action="store_true",
-                   help="schedule and launch step n+1 while step n runs (default: off)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch step n+1 while step n runs (default: on for CUDA, else off)")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks (one process each; default 1)")
     g.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "external_launcher"],
@@ -83,6 +83,7 @@ def _print(llm: "LLM", outputs: list) -> None:
     print(f"  device            {i.device} ({i.platform}){tp}")
     print(f"  runner            {i.runner}")
     print(f"  attention backend {i.attention_backend}")
+    print(f"  async scheduling  {'on' if llm.config.async_scheduling else 'off'}")
     print(f"  model             {llm.config.model} ({i.dtype})")
     print(f"  KV blocks         {llm.num_kv_blocks} x {llm.config.block_size} tokens" +
           (" per rank" if i.tensor_parallel_size > 1 else ""))

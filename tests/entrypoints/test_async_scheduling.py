@@ -35,7 +35,8 @@ SETTINGS = {
 
 
 def _run(async_scheduling: bool, **args):
-    with LLM(device="cpu", max_model_len=256, async_scheduling=async_scheduling, **args) as llm:
+    args = {"device": "cpu", **args}
+    with LLM(max_model_len=256, async_scheduling=async_scheduling, **args) as llm:
         outs = llm.generate(PROMPTS, _params(), use_tqdm=False)
         again = llm.generate(PROMPTS[:3], _params()[:3], use_tqdm=False)  # prefix hits, a second call
         stats = llm.scheduler.stats()
