@@ -74,3 +74,29 @@ def test_async_equals_sync_on_the_gpu(enforce_eager):
     sync, _ = _run(False, **args)
     asyn, _ = _run(True, **args)
     assert [a[:4] for a in asyn] == [s[:4] for s in sync]
+
+
+@pytest.mark.parametrize("point", ["first prefill step", "decode", "detokenization"])
+def test_ctrl_c_under_async_scheduling_loses_nothing(point, monkeypatch):
+    """Both steps in flight are discarded; the pool is whole and the next call is a fresh object's."""
+    import signal
+
+    from tests.entrypoints import test_llm_interrupts as t
+
+    engine = {**t.ENGINE, "async_scheduling": True}
+    with LLM(**engine) as fresh:
+        reference = t._view(fresh.generate(t._prompts(), t.PARAMS, use_tqdm=False))
+    llm = LLM(**engine)
+    old = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    undo = t.POINTS[point](llm, monkeypatch)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(t._prompts(), t.PARAMS, use_tqdm=False)
+    finally:
+        undo()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    t.assert_whole(llm)
+    assert t._view(llm.generate(t._prompts(), t.PARAMS, use_tqdm=False)) == reference
+    t.assert_whole(llm)
+    llm.shutdown()
