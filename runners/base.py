@@ -189,23 +189,24 @@ class ModelRunnerBase(ABC):
         self.sampling_state.update(rows, ids)
         positions = self.input_batch.append_placeholders(rows)
         where = np.flatnonzero(step.sample_mask)
-        host, event = self._copy_to_host(ids)
+        host, event = self._copy_to_host(out.sampled_token_ids, n)
         self._last_step = RunnerStep(step.req_ids, where, [self.requests[step.req_ids[i]] for i in where.tolist()],
                                      positions, ids, host, event,
                                      out.logprobs.to_lists if out.logprobs is not None else None,
                                      self.requests.get, self.input_batch)
         return self._last_step
 
-    def _copy_to_host(self, ids: torch.Tensor) -> tuple[torch.Tensor | None, object | None]:
-        """Start copying ``ids`` to pinned host memory (two buffers: two steps may be unread);
-        None on the CPU (nothing to copy) and on XLA (read back at once: a lazy tensor)."""
+    def _copy_to_host(self, ids: torch.Tensor, n: int) -> tuple[torch.Tensor | None, object | None]:
+        """Start copying ``ids[:n]`` to pinned host memory (two buffers: two steps may be unread);
+        None on the CPU (nothing to copy). XLA reads the whole (padded) tensor back at once and
+        slices it on the host: slicing on the device would compile a graph per batch size."""
         if self.device.type == "cpu":
             return None, None
         if self.device.type == "xla" or not self.platform.pin_memory:
-            return ids.cpu(), None
+            return ids.cpu()[:n], None
         self._host_flip ^= 1
-        buf = self._host_ids[self._host_flip][:ids.shape[0]]
-        buf.copy_(ids, non_blocking=True)
+        buf = self._host_ids[self._host_flip][:n]
+        buf.copy_(ids[:n], non_blocking=True)
         event = torch.Event(device=self.device)
         event.record()
         return buf, event
