@@ -15,7 +15,7 @@ from engine.prompts import normalize_prompts, token_ids
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.tokenizer import load_tokenizer
+from entrypoints.model_files import load_tokenizer
 from models.config import ModelConfig
 
 
