@@ -20,9 +20,6 @@ import numpy as np
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # llama.cpp's convert script permutes the q/k rows of these architectures (interleaved RoPE pairs).
 PERMUTED_QK = ("llama",)
-# Llama 3.x stores its rope scaling as a tensor of per-frequency divisors; these are the parameter
-# sets of the released checkpoints (factor, low_freq_factor, high_freq_factor, original context).
-_LLAMA3_ROPE_CANDIDATES = ((8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (16.0, 1.0, 4.0, 8192))
 
 
 def is_gguf(path: object) -> bool:
@@ -99,7 +96,7 @@ def hf_config(f: GGUFFile) -> tuple[dict[str, Any], dict[str, Any]]:
     if rope_dims is not None and head_dim and int(rope_dims) != head_dim:
         raise ValueError(f"GGUF file {f.path!r} rotates {rope_dims} of {head_dim} head dimensions (partial "
                          f"rotary), which is not supported")
-    theta = float(f.get(f"{arch}.rope.freq_base", 10000.0))
+    theta = _float32(f.get(f"{arch}.rope.freq_base", 10000.0))
     max_pos = int(f.get(f"{arch}.context_length", 2048))
     config: dict[str, Any] = {
         "architectures": [GGUF_ARCHITECTURES[arch]],
@@ -111,10 +108,11 @@ def hf_config(f: GGUFFile) -> tuple[dict[str, Any], dict[str, Any]]:
         "num_attention_heads": heads,
         "num_key_value_heads": int(f.get(f"{arch}.attention.head_count_kv", heads)),
         "max_position_embeddings": max_pos,
-        "rms_norm_eps": float(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rms_norm_eps": _float32(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": theta,
         "tie_word_embeddings": "output.weight" not in f.tensors,
         "attention_bias": "blk.0.attn_q.bias" in f.tensors,
+        "mlp_bias": "blk.0.ffn_up.bias" in f.tensors,
         "hidden_act": "silu",
     }
     if head_dim:
@@ -129,6 +127,11 @@ def hf_config(f: GGUFFile) -> tuple[dict[str, Any], dict[str, Any]]:
     generation = {"bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
                   "eos_token_id": [int(t) for t in dict.fromkeys(eos) if t is not None]}
     return config, generation
+
+
+def _float32(value: Any) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
 
 
 def _rope_scaling(f: GGUFFile, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
@@ -153,16 +156,33 @@ def llama3_rope_divisors(head_dim: int, theta: float, factor: float, low: float,
     return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, middle))
 
 
-def _llama3_scaling(f: GGUFFile, head_dim: int, theta: float) -> dict[str, Any]:
-    """Recover the llama3 rope parameters whose divisors the file's rope_freqs tensor holds."""
+def _llama3_scaling(f: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """Llama 3 rope parameters that reproduce the file's rope_freqs divisors. The released
+    checkpoints use low_freq_factor=1, high_freq_factor=4; with those fixed, the divisors give the
+    factor (the largest) and the original context (from a dimension in the smooth band, else any
+    value between the bands: every such choice gives the same frequencies)."""
     import gguf
 
     t = f.tensors["rope_freqs.weight"]
     divisors = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).ravel()
-    for factor, low, high, original in _LLAMA3_ROPE_CANDIDATES:
-        expected = llama3_rope_divisors(head_dim, theta, factor, low, high, original)
-        if expected.shape == divisors.shape and np.allclose(expected, divisors, rtol=1e-4):
-            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                    "original_max_position_embeddings": original}
-    raise ValueError(f"GGUF file {f.path!r} has a rope_freqs tensor that matches no known Llama 3 rope "
-                     f"scaling (tried factor, low, high, original context = {_LLAMA3_ROPE_CANDIDATES})")
+    factor = float(divisors.max())
+    if factor <= 1.0 + 1e-6:
+        return None
+    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    high = divisors <= 1.0 + 1e-6
+    low = divisors >= factor * (1 - 1e-6)
+    middle = ~high & ~low
+    if middle.any():
+        smooth = (1 / divisors[middle] - 1 / factor) / (1 - 1 / factor)
+        original = float(np.median(wavelen[middle] * (3 * smooth + 1)))
+    else:
+        lo_bound = 4 * wavelen[high].max() if high.any() else 0.0
+        hi_bound = wavelen[low].min()
+        original = 8192.0 if lo_bound < 8192 < hi_bound else (lo_bound + hi_bound) / 2
+    original = int(original) if original == round(original) else float(original)
+    if wavelen.shape == divisors.shape and np.allclose(
+            llama3_rope_divisors(head_dim, theta, factor, 1.0, 4.0, original), divisors, rtol=1e-4):
+        return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": original}
+    raise ValueError(f"GGUF file {f.path!r} has a rope_freqs tensor that no Llama 3 rope scaling with "
+                     f"low_freq_factor=1, high_freq_factor=4 reproduces")

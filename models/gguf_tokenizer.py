@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from models.gguf import GGUFFile
 
@@ -132,8 +132,10 @@ def _sentencepiece_bpe(f: GGUFFile, tokens: list[str], types: list[int]) -> Toke
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk_id] if unk_id is not None else None,
                                fuse_unk=True, byte_fallback=True))
     prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
-    tok.normalizer = normalizers.Sequence(
-        ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")])
+    # As HF converts it: the prefix "▁" only at the start of the text, and not before a leading space
+    # (sentencepiece itself, and llama.cpp, also add it there and after special tokens).
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
     steps: list[Any] = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return tok
