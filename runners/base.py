@@ -18,6 +18,7 @@ from models.config import ModelConfig
 from platforms import Platform, resolve_platform
 from runners.input_batch import InputBatch, RequestState
 from runners.kv_cache import KVCacheSpec, blocks_for_bytes
+from runners.prompt_logprobs import prompt_logprobs
 from runners.sampler import Sampler
 from runners.sampling_state import SamplingState
 from runners.step_buffers import StepBuffers
@@ -182,6 +183,7 @@ class ModelRunnerBase(ABC):
             return ModelRunnerOutput([], [])
         step = self._prepare_inputs(scheduler_output)
         hidden = self._forward(step)
+        prompt_lp = prompt_logprobs(self, step.req_ids, hidden)
         sampled: list[list[int]] = [[] for _ in step.req_ids]
         logprobs = None
         if len(step.sample_rows):
@@ -199,7 +201,7 @@ class ModelRunnerBase(ABC):
                 logprobs = [None] * len(step.req_ids)
                 for i, entry in zip(where.tolist(), lp):
                     logprobs[i] = entry
-        return ModelRunnerOutput(step.req_ids, sampled, logprobs)
+        return ModelRunnerOutput(step.req_ids, sampled, logprobs, prompt_lp)
 
     def _forward(self, step: StepInputs) -> torch.Tensor:
         key = (step.input_ids.shape[0], step.md.query_start_loc.shape[0] - 1)
