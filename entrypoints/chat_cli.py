@@ -58,6 +58,10 @@ def chat_loop(llm: "LLM", args: argparse.Namespace, params: SamplingParams) -> i
             conversation.pop()
             print("\n(reply stopped)", flush=True)
             continue
+        except ValueError as e:  # e.g. the conversation outgrew max_model_len
+            conversation.pop()
+            print(f"error: {e} (/reset starts over)", file=sys.stderr, flush=True)
+            continue
         note = "  (cut at --max-tokens)" if out.finish_reason == "length" else ""
         print(note, flush=True)
         conversation.append({"role": "assistant", "content": out.text})

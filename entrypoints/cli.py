@@ -80,6 +80,7 @@ def _sampling_options(temperature: float, max_tokens: int, top_p: float) -> argp
     s.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
     s.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling; 1 disables it")
     s.add_argument("--top-k", type=int, default=0, help="0 disables it")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS (for benchmarks)")
     s.add_argument("--chat-template", default=None, help="a jinja2 chat template, or a file holding one "
                    "(default: the model's)")
     s.add_argument("--system", default=None, help="a system message opening each conversation")
@@ -149,7 +150,7 @@ def _params(args: argparse.Namespace, n: int) -> Any:
     from engine import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, seed=args.seed, n=n)
+                          max_tokens=args.max_tokens, seed=args.seed, n=n, ignore_eos=args.ignore_eos)
 
 
 def chat_template_arg(value: str | None) -> str | None:
