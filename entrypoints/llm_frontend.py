@@ -70,6 +70,8 @@ class LLMFrontend:
                        ) -> tuple[list[Request], list[str | list[int]], list[tuple[str, int]]]:
         """(requests, each one's prompt, (request id, n) per prompt): one request per sample, all
         checked before any is queued; sample requests are registered for ``abort`` and ``on_text``."""
+        self._samples.clear()  # left from a call whose prompts were refused
+        self._stream_targets.clear()
         requests: list[Request] = []
         per_request: list[str | list[int]] = []
         parents: list[tuple[str, int]] = []
