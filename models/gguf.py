@@ -79,6 +79,9 @@ def hf_config(f: GGUFFile) -> tuple[dict[str, Any], dict[str, Any]]:
     arch = f.architecture
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"GGUF file {f.path!r} has architecture {arch!r}; supported: {sorted(GGUF_ARCHITECTURES)}")
+    if int(f.get("split.count", 1)) > 1:
+        raise ValueError(f"GGUF file {f.path!r} is one part of a split model ({f.get('split.count')} files), "
+                         f"which is not supported: merge the parts into one file (llama.cpp's gguf-split --merge)")
     if f.get(f"{arch}.expert_count", 0):
         raise ValueError(f"GGUF file {f.path!r} is a mixture-of-experts model, which is not supported")
 

@@ -129,6 +129,10 @@ def test_gguf_errors_name_the_problem(tmp_path, gguf_factory):
     try:
         with pytest.raises(ValueError, match="architecture 'gpt2'; supported"):
             hf_config(f)
+        f._values.update({"general.architecture": "llama", "split.count": 3})
+        with pytest.raises(ValueError, match=r"one part of a split model \(3 files\)"):
+            hf_config(f)
     finally:
         f._values.pop("general.architecture")
+        f._values.pop("split.count", None)
     assert dataclasses.asdict(ModelConfig.from_dir(gguf))["architecture"] == "LlamaForCausalLM"
