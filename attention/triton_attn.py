@@ -42,10 +42,12 @@ def _interpret() -> bool:
 
 
 def triton_import_error() -> str | None:
+    """Why triton cannot be used here (None when it imports)."""
     try:
         import triton  # noqa: F401
     except ImportError as e:
-        return f"triton is not importable ({e})"
+        return (f"the triton package is not installed ({e}): CUDA/ROCm/XPU builds of torch bring it; "
+                f"otherwise pip install triton (or the project's 'triton' extra)")
     return None
 
 

@@ -3,7 +3,7 @@ and sampling prep, for 1/64/256 requests, decode-only and mixed (one 2,048-token
 beside the decodes). No model runs: this is the host work around the forward pass.
 
 Run:    python -m pytest benchmarks/bench_runner.py --benchmark-enable --benchmark-columns=median,mean,min,rounds
-Goal on the 2-core CI machine: under 150 us for 256 decodes and for 2,048 + 255 (issue 3).
+Goal on the 2-core CI machine: under 150 us for 256 decodes and for 2,048 + 255.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CPU startup against HF transformers' load time, for a real-size checkpoint (issue 14, item 7).
+"""CPU startup against HF transformers' load time, for a real-size checkpoint.
 
 Each round starts fresh processes: one builds ``LLM(model, device="cpu")`` (config, weights, the
 startup step, KV sizing and allocation, tokenizer), the other runs

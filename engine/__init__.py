@@ -11,8 +11,8 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.executor import Executor, WorkerError, WorkerInfo
-from engine.outputs import (CachedRequestData, CompletionOutput, ModelRunnerOutput, NewRequestData,
-                            RequestOutput, SampleLogprobs, SchedulerOutput)
+from engine.outputs import (CachedRequestData, CompletionOutput, Logprob, ModelRunnerOutput, NewRequestData,
+                            RequestOutput, SampleLogprobs, SchedulerOutput, TokenLogprobs)
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 
@@ -20,7 +20,8 @@ _UPWARD = {"LLM": "entrypoints.llm", "GenerationStats": "entrypoints.llm"}
 
 __all__ = ["LLM", "GenerationStats", "EngineConfig", "SamplingParams", "Request", "RequestStatus",
            "SchedulerOutput", "NewRequestData", "CachedRequestData", "ModelRunnerOutput",
-           "RequestOutput", "CompletionOutput", "SampleLogprobs", "Executor", "WorkerInfo", "WorkerError"]
+           "RequestOutput", "CompletionOutput", "Logprob", "TokenLogprobs", "SampleLogprobs", "Executor",
+           "WorkerInfo", "WorkerError"]
 
 
 def __getattr__(name: str) -> Any:

@@ -81,9 +81,10 @@ class KVBlockManager:
         """Longest cached prefix of a request that holds no blocks: ``(block ids, tokens)``.
 
         Never covers the last token (its logits are needed): a fully cached prompt
-        recomputes its whole last block, which is never shared for writing.
+        recomputes its whole last block, which is never shared for writing. A request that
+        asks for prompt logprobs gets no hits (every prompt position's logits are needed).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
             return [], 0
         bs = self.block_size
         hashes = extend_block_hashes(req, bs, len(req.all_token_ids))

@@ -62,21 +62,66 @@ class SampleLogprobs:
 
 @dataclass
 class ModelRunnerOutput:
-    """Results in batch order. ``sampled_token_ids[i]`` is empty for a partial prefill."""
+    """Results in batch order. ``sampled_token_ids[i]`` is empty for a partial prefill.
+
+    ``prompt_logprobs``: for requests that asked for them and computed prompt tokens this step,
+    ``req_id -> (index of the first prompt token covered, one entry per token)``; entry ``j`` is
+    the logprobs of prompt token ``start + j`` (>= 1) given the tokens before it.
+    """
 
     req_ids: list[str]
     sampled_token_ids: list[list[int]]
     logprobs: list[SampleLogprobs | None] | None = None
+    prompt_logprobs: dict[str, tuple[int, list[SampleLogprobs]]] | None = None
+
+
+@dataclass
+class Logprob:
+    """One token's log probability, its rank in the distribution (1 = most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class TokenLogprobs(dict):
+    """``dict[int, Logprob]`` for one position: the top-k tokens then, if not among them, the
+    sampled (or actual prompt) token. ``token_ids``, ``logprobs`` and ``sampled_rank`` keep the
+    parallel-list view of earlier releases (the chosen token first)."""
+
+    def __init__(self, entries: dict[int, Logprob], chosen: int) -> None:
+        super().__init__(entries)
+        self.chosen = chosen
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [self.chosen] + [t for t in self if t != self.chosen]
+
+    @property
+    def logprobs(self) -> list[float]:
+        return [self[t].logprob for t in self.token_ids]
+
+    @property
+    def sampled_rank(self) -> int | None:
+        return self[self.chosen].rank
 
 
 @dataclass
 class CompletionOutput:
+    """One sample of a request. ``logprobs`` (when asked for): one dict per generated token;
+    ``cumulative_logprob``: the sum of the sampled tokens' logprobs (raw distribution)."""
+
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None
-    logprobs: list[SampleLogprobs] | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None
+
+    def finished(self) -> bool:
+        """Whether this sample has finished (a method, as in vLLM)."""
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -103,6 +148,10 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
+    """A prompt's results: ``outputs`` holds its ``n`` samples (``CompletionOutput.index``
+    0..n-1). ``prompt_logprobs`` (when asked for): None for the first prompt token, then a dict
+    per token. ``finished`` once every sample has finished."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -110,3 +159,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

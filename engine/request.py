@@ -30,7 +30,7 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids",
                  "cache_salt", "output_token_ids", "all_token_ids", "num_computed_tokens",
                  "num_cached_tokens", "status", "stop_reason", "arrival", "logprobs",
-                 "num_preemptions", "block_hashes", "num_output_placeholders")
+                 "num_preemptions", "block_hashes", "prompt_logprobs", "num_output_placeholders")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, eos_token_ids: tuple[int, ...] = (),
@@ -50,6 +50,9 @@ class Request:
         self.stop_reason: int | str | None = None
         self.arrival = arrival
         self.logprobs: list = []
+        # Per prompt token (None for the first, and until computed), when prompt_logprobs is asked for.
+        self.prompt_logprobs: list | None = (None if sampling_params.prompt_logprobs is None
+                                             else [None] * len(prompt_token_ids))
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []  # chained hashes of full blocks (engine/hashing.py)
         # Tokens scheduled to be sampled whose ids have not arrived yet (async scheduling: the
@@ -88,7 +91,7 @@ class Request:
             if last in sp.stop_token_ids:
                 self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
                 return True
-        if n_out >= sp.max_tokens or len(self.all_token_ids) >= max_model_len:
+        if (sp.max_tokens is not None and n_out >= sp.max_tokens) or len(self.all_token_ids) >= max_model_len:
             self.status = RequestStatus.FINISHED_LENGTH
             return True
         return False

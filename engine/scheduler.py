@@ -86,7 +86,7 @@ class Scheduler:
         if n > mml:
             raise ValueError(f"request {rid!r}: the prompt has {n} tokens, more than max_model_len={mml}")
         # KV slots at worst: every token but the last one sampled (it stops at max_model_len).
-        final_len = min(n + req.sampling_params.max_tokens, max(mml, n + 1))
+        final_len = min(n + (req.sampling_params.max_tokens or mml), max(mml, n + 1))
         need = -(-(final_len - 1) // self.block_size)
         if need > self.kv.num_blocks - 1:
             raise ValueError(

@@ -10,12 +10,15 @@ from typing import Any, Iterable, Sequence
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import Executor, WorkerError, WorkerInfo
+from engine.logprobs import LogprobsBuilder, record_prompt_logprobs
 from engine.outputs import CompletionOutput, ModelRunnerOutput, RequestMetrics, RequestOutput, SchedulerOutput
+from engine.parallel_sampling import merge_samples
 from engine.prompts import normalize_prompts, token_ids
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.tokenizer import load_tokenizer
+from entrypoints.llm_frontend import LLMFrontend, OnText, check_params
+from entrypoints.model_files import load_tokenizer
 from models.config import ModelConfig
 
 
@@ -40,7 +43,7 @@ class GenerationStats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
-class LLM:
+class LLM(LLMFrontend):
     """Starts the workers through an executor (``distributed_executor_backend``), sizes the KV
     cache, and runs the scheduler loop. ``model=None`` is the embedded tiny default model.
 
@@ -78,6 +81,12 @@ class LLM:
         self._aborts: deque[str] = deque()  # ids to abort at the next step boundary
         self._pending: tuple | None = None  # async scheduling: the launched step not yet applied
         self._last_applied = 0.0
+        self._samples: dict[str, list[str]] = {}  # a prompt's request id -> its samples' (n > 1)
+        self._stream_targets: dict[str, tuple[int, int]] = {}  # request id -> (prompt, sample) for on_text
+        self._on_text: OnText | None = None
+        self._chat_template = None
+        self._logprobs = LogprobsBuilder(self.tokenizer)
+        self._warned_truncation = False  # max_tokens cut by max_model_len: reported once per engine
         self._generating = False
 
     @property
@@ -102,8 +111,11 @@ class LLM:
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """Complete every prompt; results come back in input order.
+                 use_tqdm: bool | None = None, *, on_text: OnText | None = None) -> list[RequestOutput]:
+        """Complete every prompt; results come back in input order, one ``RequestOutput`` per
+        prompt holding its ``n`` samples. ``on_text(prompt index, sample index, text)`` is called
+        with each piece of text as it is generated (text that may still turn into a stop string
+        is held back until it cannot).
 
         Every prompt is checked before any is queued (errors name its index). If anything
         raises inside (Ctrl-C included), the call's requests are aborted in the scheduler and
@@ -111,23 +123,25 @@ class LLM:
         next call works as on a fresh object (same outputs for greedy and seeded requests).
         """
         prompts = normalize_prompts(prompts)
-        params = SamplingParams.broadcast(sampling_params, len(prompts))
-        requests = [self._make_request(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
-        self._generating = True
+        requests, per_request_prompts, parents = self._make_requests(
+            prompts, SamplingParams.broadcast(sampling_params, len(prompts)))
+        self._generating, self._on_text = True, on_text
         try:
-            return self._generate(requests, prompts, use_tqdm)
+            outs = iter(self._generate(requests, per_request_prompts, use_tqdm))
+            return [merge_samples(parent, [next(outs) for _ in range(n)]) for parent, n in parents]
         except BaseException as e:
             self._recover([r.request_id for r in requests], e)
             raise
         finally:
-            self._generating = False
+            self._generating, self._on_text = False, None
+            self._samples.clear()
+            self._stream_targets.clear()
 
     def _generate(self, requests: list[Request], prompts: list[str | list[int]],
                   use_tqdm: bool | None) -> list[RequestOutput]:
         for r in requests:
             self.scheduler.add_request(r)
-        detoks = {r.request_id: IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, r.sampling_params)
-                  for r in requests} if self.tokenizer is not None else {}
+        detoks = {r.request_id: self._new_detokenizer(r) for r in requests} if self.tokenizer is not None else {}
         bar = None
         if use_tqdm or (use_tqdm is None and len(requests) > 1):
             from tqdm import tqdm
@@ -190,6 +204,7 @@ class LLM:
         """Apply one step's output: scheduler, metrics, logprobs, detokenizer and stop strings."""
         finished = self.scheduler.update_from_output(so, out)
         accepted = self.scheduler.last_accepted
+        record_prompt_logprobs(self.scheduler, out)
         now = self._last_applied = time.perf_counter()
         dt = now - t
         stats.steps += 1
@@ -229,7 +244,8 @@ class LLM:
         to the pool (full blocks stay in the prefix cache). Unknown or finished ids are ignored.
         Called while ``generate`` runs (from inside a step, or another thread), the ids are
         applied at the next step boundary; returns the ids aborted now."""
-        self._aborts.extend([request_ids] if isinstance(request_ids, str) else request_ids)
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self._aborts.extend(s for rid in ids for s in self._samples.get(rid, (rid,)))  # a prompt's samples
         return [] if self._generating else self._apply_aborts(flush=True)
 
     def _apply_aborts(self, flush: bool = False) -> list[str]:
@@ -259,14 +275,10 @@ class LLM:
         except BaseException:  # noqa: BLE001 - e.g. a second Ctrl-C; the original exception propagates
             self.scheduler.discard_step()  # the next step tells the runner instead
 
-    def _make_request(self, prompt: str | list[int], params: SamplingParams, index: int = 0) -> Request:
+    def _make_request(self, prompt: str | list[int], params: SamplingParams, index: int = 0,
+                      request_id: str | None = None) -> Request:
         """Tokenize and check one prompt (errors name its index) and its sampling params."""
-        try:
-            if not isinstance(params, SamplingParams):
-                raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-            params.validate()  # again: a field may have been changed since construction
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"prompt {index}: sampling_params: {e}") from None
+        check_params(params, index)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"prompt {index}: model {self.config.model!r} has no tokenizer.json: "
@@ -283,7 +295,8 @@ class LLM:
         if len(ids) >= self.config.max_model_len:
             raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len={self.config.max_model_len} "
                              "leaves no room to generate")
-        req = Request(f"req-{next(self._ids)}", ids, params, self.model_config.eos_token_ids)
+        self._warn_if_truncated(params, len(ids), index)
+        req = Request(request_id or f"req-{next(self._ids)}", ids, params, self.model_config.eos_token_ids)
         try:
             self.scheduler.check_request(req)  # e.g. one that can never fit the KV pool
         except ValueError as e:
@@ -297,8 +310,14 @@ class LLM:
             detok.finish()  # flush a held-back tail (e.g. max_tokens cut a character short)
             text = detok.output_text
         tokens = list(req.output_token_ids)
-        lp = list(req.logprobs) if req.sampling_params.logprobs is not None else None
-        comp = CompletionOutput(0, text, tokens, req.status.finish_reason, req.stop_reason, lp)
+        lp = cumulative = None
+        if req.sampling_params.logprobs is not None:
+            lp, cumulative = self._logprobs.build_all(req.logprobs[:len(tokens)])
+        comp = CompletionOutput(0, text, tokens, req.status.finish_reason, req.stop_reason, lp, cumulative)
+        plp = None
+        if req.prompt_logprobs is not None:
+            plp = [None] + [None if e is None else self._logprobs.build(e) for e in req.prompt_logprobs[1:]]
         return RequestOutput(req.request_id, prompt if isinstance(prompt, str) else None,
                              req.prompt_token_ids, [comp], req.status.finished,
-                             max(req.num_cached_tokens, 0), metrics)
+                             max(req.num_cached_tokens, 0), metrics, plp)
+

@@ -1,10 +1,12 @@
-"""The model's shape, read from an HF directory's config.json (torch-free: the engine imports it)."""
+"""The model's shape, read from an HF directory's config.json or a GGUF file's metadata (torch-free)."""
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from models.gguf import hf_config, is_gguf, open_gguf
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -71,8 +73,12 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> "ModelConfig":
-        """Parse ``path/config.json`` (plus ``generation_config.json`` for EOS ids when present)."""
+        """Parse ``path/config.json`` (plus ``generation_config.json`` for EOS ids when present), or
+        the metadata of ``path`` when it is a ``.gguf`` file."""
         path = os.fspath(path)
+        if is_gguf(path):
+            f = open_gguf(path)
+            return cls.from_dict(*hf_config(f), path=f.path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory {path!r} does not exist")
         cfg_file = os.path.join(path, "config.json")

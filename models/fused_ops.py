@@ -51,6 +51,9 @@ def fused_ops_enabled(x: torch.Tensor) -> bool:
     device = x.device.type
     if _mode == "auto":
         return device in ("cuda", "xpu") and _triton_importable()
+    if not _triton_importable():
+        raise RuntimeError(f"{ENV_VAR}=on needs the triton package, which is not installed: CUDA/ROCm/XPU "
+                           f"builds of torch bring it; otherwise pip install triton (or set {ENV_VAR}=auto)")
     if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError(f"{ENV_VAR}=on with a cpu tensor needs TRITON_INTERPRET=1")
     if device not in ("cuda", "xpu", "cpu"):

@@ -1,4 +1,4 @@
-"""Build the model on its device and stream HF safetensors into it, one tensor at a time."""
+"""Build the model on its device and stream HF safetensors (or a GGUF file) into it, one tensor at a time."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +13,7 @@ from safetensors import safe_open
 from attention.backend import AttentionBackend
 from distributed import TPGroup
 from models.config import ModelConfig
+from models.gguf import is_gguf, open_gguf
 from models.layers import default_weight_loader
 from models.llama import LlamaForCausalLM
 
@@ -180,18 +181,37 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
                attn_backend: type[AttentionBackend], tp: TPGroup | None = None,
                load_format: str = "auto") -> LlamaForCausalLM:
-    """The model of an HF directory (this rank's shard of it under tensor parallelism), built
+    """The model of an HF directory or a GGUF file (this rank's shard of it under tensor parallelism), built
     directly on ``device`` in ``dtype`` (parameters are ``torch.empty``; no second copy of the
-    weights) and filled from its safetensors, or with random weights when ``load_format="dummy"``
-    (only config.json is read)."""
+    weights) and filled from its safetensors (or the GGUF file's dequantized tensors), or with random
+    weights when ``load_format="dummy"`` (only the config is read)."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     config = ModelConfig.from_dir(model_dir)
-    files = safetensors_files(model_dir) if load_format == "auto" else []
+    gguf = is_gguf(model_dir)
+    files = safetensors_files(model_dir) if load_format == "auto" and not gguf else []
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(config, attn_backend, tp)
     if load_format == "dummy":
         init_dummy_weights(model)
+    elif gguf:
+        load_gguf_weights(model, model_dir)
     else:
         load_weights(model, files)
     return model.eval()
+
+
+def load_gguf_weights(model: LlamaForCausalLM, path: str) -> None:
+    """Copy a GGUF file's weights into ``model`` (dequantized one tensor at a time; names checked
+    first, as for safetensors)."""
+    from models.gguf_weights import gguf_weights, hf_names
+
+    f = open_gguf(path)
+    plan = {hf: (name, shard_id) for hf, name, shard_id in _plan(model, hf_names(f))}
+    params = dict(model.named_parameters())
+    where = os.path.basename(f.path)
+    with torch.no_grad():
+        for hf_name, tensor in gguf_weights(f, model.config):
+            if hf_name in plan:  # else harmless (e.g. a tied lm_head)
+                name, shard_id = plan[hf_name]
+                _copy(params[name], tensor, shard_id, hf_name, where)

@@ -20,6 +20,7 @@ from platforms import Platform, resolve_platform
 from runners.input_batch import InputBatch
 from runners.inputs import InputBuilder, Padding, StepInputs, pad_to
 from runners.kv_cache import KVCacheSpec, blocks_for_bytes
+from runners.prompt_logprobs import prompt_logprobs
 from runners.request_table import RequestTable
 from runners.sampler import Sampler
 from runners.sampling_state import SamplingState
@@ -180,9 +181,10 @@ class ModelRunnerBase(ABC):
         if self._last_step is not None:
             self._last_step.scatter_pending(step)
         hidden = self._forward(step)
+        prompt_lp = prompt_logprobs(self, step.req_ids, hidden)  # only where asked (reads back at once)
         n = int(step.sample_mask.sum())  # sample_rows beyond n are padding (static shapes)
         if n == 0:
-            return DoneStep(ModelRunnerOutput(step.req_ids, [[] for _ in step.req_ids]))
+            return DoneStep(ModelRunnerOutput(step.req_ids, [[] for _ in step.req_ids], None, prompt_lp))
         logits = self.model.compute_logits(hidden[step.logits_indices]).float()
         out = self.sampler(logits, self.sampling_state.prepare(step.sample_rows))
         rows, ids = step.sample_rows[:n], out.sampled_token_ids[:n]
@@ -193,7 +195,7 @@ class ModelRunnerBase(ABC):
         self._last_step = RunnerStep(step.req_ids, where, [self.requests[step.req_ids[i]] for i in where.tolist()],
                                      positions, ids, host, event,
                                      out.logprobs.to_lists if out.logprobs is not None else None,
-                                     self.requests.get, self.input_batch)
+                                     self.requests.get, self.input_batch, prompt_lp)
         return self._last_step
 
     def _copy_to_host(self, ids: torch.Tensor, n: int) -> tuple[torch.Tensor | None, object | None]:

@@ -27,10 +27,10 @@ class RunnerStep(StepHandle):
     def __init__(self, req_ids: list[str], where: np.ndarray, states: list[RequestState], positions: np.ndarray,
                  ids_dev: torch.Tensor, host_ids: torch.Tensor | None, event: object | None,
                  logprobs: Callable[[], list[SampleLogprobs | None]] | None, current: Callable[[str], object],
-                 input_batch: InputBatch) -> None:
+                 input_batch: InputBatch, prompt_logprobs: dict | None = None) -> None:
         self.req_ids, self.where, self.states, self.positions = req_ids, where, states, positions
         self.ids_dev, self._host, self._event, self._logprobs = ids_dev, host_ids, event, logprobs
-        self._current, self._input_batch = current, input_batch
+        self._current, self._input_batch, self._prompt_logprobs = current, input_batch, prompt_logprobs
         self._output: ModelRunnerOutput | None = None
         self._pending = {st.req_id: (i, int(p)) for i, (st, p) in enumerate(zip(states, positions))}
 
@@ -59,7 +59,7 @@ class RunnerStep(StepHandle):
                 logprobs = [None] * len(self.req_ids)
                 for i, entry in zip(self.where.tolist(), self._logprobs()):
                     logprobs[i] = entry
-            self._output = ModelRunnerOutput(self.req_ids, sampled, logprobs)
+            self._output = ModelRunnerOutput(self.req_ids, sampled, logprobs, self._prompt_logprobs)
         return self._output
 
     def scatter_pending(self, step: StepInputs) -> None:

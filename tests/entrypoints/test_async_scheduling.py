@@ -100,3 +100,17 @@ def test_ctrl_c_under_async_scheduling_loses_nothing(point, monkeypatch):
     assert t._view(llm.generate(t._prompts(), t.PARAMS, use_tqdm=False)) == reference
     t.assert_whole(llm)
     llm.shutdown()
+
+
+def test_async_equals_sync_with_n_samples_and_prompt_logprobs():
+    params = [SamplingParams(n=3, temperature=0.9, seed=4, max_tokens=12, logprobs=2, prompt_logprobs=1),
+              SamplingParams(temperature=0.0, max_tokens=8, stop=["e"])]
+    got = {}
+    for mode in (False, True):
+        with LLM(device="cpu", max_model_len=256, max_num_batched_tokens=16, async_scheduling=mode) as llm:
+            outs = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+        got[mode] = [([c.token_ids for c in o.outputs], [c.text for c in o.outputs],
+                      [[sorted(d) for d in c.logprobs or []] for c in o.outputs],
+                      [sorted(d) if d else d for d in (o.prompt_logprobs or [])]) for o in outs]
+    assert got[True] == got[False]
+    assert len(got[True][0][0]) == 3 and len(set(map(tuple, got[True][0][0]))) > 1, "three distinct samples"

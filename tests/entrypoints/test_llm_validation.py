@@ -55,7 +55,11 @@ def test_sampling_params_changed_after_construction_are_checked_again(llm):
                                          "got nan"):
         llm.generate([[1], [2]], [good, bad], use_tqdm=False)
     bad.temperature, bad.max_tokens = 1.0, 0
-    with pytest.raises(ValueError, match="prompt 0: sampling_params: max_tokens must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"prompt 0: sampling_params: max_tokens must be None \(until max_model_len\) "
+                                         r"or an integer >= 1"):
+        llm.generate([[1]], bad, use_tqdm=False)
+    bad.max_tokens, bad.n = 2, 0  # checked before the prompt fans out into samples
+    with pytest.raises(ValueError, match=r"prompt 0: sampling_params: n must be an integer >= 1"):
         llm.generate([[1]], bad, use_tqdm=False)
     _nothing_queued(llm)
 

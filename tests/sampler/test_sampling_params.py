@@ -17,13 +17,15 @@ BAD = [
     ("frequency_penalty", -3.0), ("frequency_penalty", 2.01),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.inf),
     ("seed", -1), ("seed", 2**63), ("seed", 1.0), ("seed", "7"),
-    ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", 2.0), ("max_tokens", None),
+    ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", 2.0), ("max_tokens", "8"),
     ("min_tokens", -1), ("min_tokens", 17), ("min_tokens", 0.5),  # max_tokens defaults to 16
     ("stop_token_ids", [-1]), ("stop_token_ids", [1, "2"]), ("stop_token_ids", 5),
     ("stop_token_ids", "ab"), ("stop_token_ids", [True]),
     ("stop", [""]), ("stop", ["ok", 3]), ("stop", 5), ("stop", ""),
     ("ignore_eos", 1), ("ignore_eos", "yes"),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", 1.0), ("logprobs", True),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("prompt_logprobs", 2.0),
+    ("n", 0), ("n", -1), ("n", 1.0), ("n", True),
 ]
 
 
@@ -40,6 +42,7 @@ GOOD = [
     ("repetition_penalty", 1e-3), ("repetition_penalty", 3.0), ("seed", 0), ("seed", 2**63 - 1),
     ("max_tokens", 1), ("min_tokens", 16), ("stop_token_ids", (1, 2)), ("stop", ("a", "bc")),
     ("ignore_eos", True), ("logprobs", 0), ("logprobs", 20), ("logprobs", None), ("seed", None),
+    ("max_tokens", None), ("prompt_logprobs", 0), ("prompt_logprobs", 20), ("n", 1), ("n", 8),
 ]
 
 
@@ -53,6 +56,20 @@ def test_min_tokens_range_follows_max_tokens():
     SamplingParams(max_tokens=40, min_tokens=40)
     with pytest.raises(ValueError, match=r"min_tokens must be an integer in \[0, max_tokens=4\]"):
         SamplingParams(max_tokens=4, min_tokens=5)
+
+
+def test_max_tokens_none_lifts_the_min_tokens_bound():
+    assert SamplingParams(max_tokens=None, min_tokens=10_000).max_tokens is None
+
+
+def test_samples_of_n_get_consecutive_seeds():
+    p = SamplingParams(n=3, seed=10, temperature=0.7)
+    assert [(q.n, q.seed, q.temperature) for q in map(p.sample, range(3))] == [(1, 10, 0.7), (1, 11, 0.7), (1, 12, 0.7)]
+    assert SamplingParams(n=2).sample(1).seed is None and SamplingParams().sample(0).n == 1
+    with pytest.raises(ValueError, match=r"sample index must be in \[0, n=3\)"):
+        p.sample(3)
+    with pytest.raises(ValueError, match=r"seed must be None or an integer in \[0, 2\*\*63 - n\]"):
+        SamplingParams(n=2, seed=2**63 - 1)
 
 
 def test_stop_string_becomes_a_list():

@@ -49,3 +49,13 @@ def test_two_ranks_match_one(family, tmp_path_factory):
     assert two[1] == one[1], "seeded sampled tokens differ between tensor_parallel_size=2 and 1"
     assert two[2] == one[2] and sum(two[2]) > 0, f"prefix-cache hits expected in both runs: {two[2]}"
     assert two[3] > 0 and one[3] > 0, "the pool was meant to force preemption"
+
+
+def test_a_gguf_file_splits_over_two_ranks(tmp_path_factory):
+    """Each rank dequantizes the whole file and keeps its shard; the tokens equal one rank's."""
+    from tests.gguf_models import write_gguf
+
+    hf_dir = cached_hf_model("qwen2", tmp_path_factory)
+    gguf = write_gguf(hf_dir, str(tmp_path_factory.mktemp("gguf_tp") / "m.Q8_0.gguf"), "Q8_0")
+    one, two = _run(gguf), _run(gguf, tensor_parallel_size=2)
+    assert two[:2] == one[:2]
