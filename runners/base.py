@@ -192,10 +192,9 @@ class ModelRunnerBase(ABC):
         positions = self.input_batch.append_placeholders(rows)
         where = np.flatnonzero(step.sample_mask)
         host, event = self._copy_to_host(out.sampled_token_ids, n)
-        self._last_step = RunnerStep(step.req_ids, where, [self.requests[step.req_ids[i]] for i in where.tolist()],
-                                     positions, ids, host, event,
+        self._last_step = RunnerStep(step.req_ids, where, rows, positions, ids, host, event,
                                      out.logprobs.to_lists if out.logprobs is not None else None,
-                                     self.requests.get, self.input_batch, prompt_lp)
+                                     self.requests, prompt_lp)
         return self._last_step
 
     def _copy_to_host(self, ids: torch.Tensor, n: int) -> tuple[torch.Tensor | None, object | None]:

@@ -24,6 +24,8 @@ class RequestTable:
     def __init__(self, input_batch: InputBatch, sampling_state: SamplingState) -> None:
         self.input_batch, self.sampling_state = input_batch, sampling_state
         self._states: dict[str, RequestState] = {}
+        self.version = 0  # bumped by every change of who holds which row
+
 
     def __getitem__(self, req_id: str) -> RequestState:
         return self._states[req_id]
@@ -49,6 +51,7 @@ class RequestTable:
         """Finished requests leave, preempted ones park, new ones are admitted, cached ones get
         their new blocks (a resumed one is re-admitted with its whole block table) - in that
         order, the scheduler's contract."""
+        self.version += 1
         for rid in so.finished_req_ids:
             self.drop(rid)
         for rid in so.preempted_req_ids:
@@ -72,6 +75,7 @@ class RequestTable:
 
     def drop(self, req_id: str) -> None:
         """Forget a request (and free its row, if it holds one); unknown ids are ignored."""
+        self.version += 1
         st = self._states.pop(req_id, None)
         if st is not None and st.row is not None:
             self._release(st, keep_tokens=False)

@@ -16,23 +16,23 @@ import torch
 from engine.executor import StepHandle
 from engine.outputs import ModelRunnerOutput, SampleLogprobs
 from runners.inputs import StepInputs
-from runners.input_batch import InputBatch, RequestState
-
-PLACEHOLDER = -1
+from runners.request_table import RequestTable
 
 
 class RunnerStep(StepHandle):
     """``states[i]`` sampled ``ids[i]`` for its token at ``positions[i]`` (batch index ``where[i]``)."""
 
-    def __init__(self, req_ids: list[str], where: np.ndarray, states: list[RequestState], positions: np.ndarray,
+    def __init__(self, req_ids: list[str], where: np.ndarray, rows: np.ndarray, positions: np.ndarray,
                  ids_dev: torch.Tensor, host_ids: torch.Tensor | None, event: object | None,
-                 logprobs: Callable[[], list[SampleLogprobs | None]] | None, current: Callable[[str], object],
-                 input_batch: InputBatch, prompt_logprobs: dict | None = None) -> None:
-        self.req_ids, self.where, self.states, self.positions = req_ids, where, states, positions
+                 logprobs: Callable[[], list[SampleLogprobs | None]] | None, table: RequestTable,
+                 prompt_logprobs: dict | None = None) -> None:
+        self.req_ids, self.where, self.rows, self.positions = req_ids, where, rows, positions
         self.ids_dev, self._host, self._event, self._logprobs = ids_dev, host_ids, event, logprobs
-        self._current, self._input_batch, self._prompt_logprobs = current, input_batch, prompt_logprobs
+        self._table, self._version, self._prompt_logprobs = table, table.version, prompt_logprobs
+        # Who sampled, as of the launch: checked only if the table changed before ``result()``.
+        self.states = [table[req_ids[i]] for i in where.tolist()]
         self._output: ModelRunnerOutput | None = None
-        self._pending = {st.req_id: (i, int(p)) for i, (st, p) in enumerate(zip(states, positions))}
+        self._pending: dict[str, tuple[int, int]] | None = None
 
     @property
     def resolved(self) -> bool:
@@ -43,14 +43,17 @@ class RunnerStep(StepHandle):
             if self._event is not None:
                 self._event.synchronize()
             ids = (self._host if self._host is not None else self.ids_dev).numpy()[:len(self.states)].copy()
-            ib = self._input_batch
-            for st, pos, tok in zip(self.states, self.positions.tolist(), ids.tolist()):
-                if self._current(st.req_id) is not st:
-                    continue  # finished or replaced since: its late token is not wanted
-                if st.row is not None:
-                    ib.token_ids[st.row, pos] = tok
-                elif st.parked_tokens is not None:
-                    st.parked_tokens[pos] = tok
+            ib, table = self._table.input_batch, self._table
+            if table.version == self._version:  # rows unchanged since the launch (synchronous use)
+                ib.token_ids[self.rows, self.positions] = ids
+            else:  # a later step moved rows: route each id by its request
+                for st, pos, tok in zip(self.states, self.positions.tolist(), ids.tolist()):
+                    if table.get(st.req_id) is not st:
+                        continue  # finished or replaced since: its late token is not wanted
+                    if st.row is not None:
+                        ib.token_ids[st.row, pos] = tok
+                    elif st.parked_tokens is not None:
+                        st.parked_tokens[pos] = tok
             sampled: list[list[int]] = [[] for _ in self.req_ids]
             for i, tok in zip(self.where.tolist(), ids.tolist()):
                 sampled[i] = [tok]
@@ -65,8 +68,10 @@ class RunnerStep(StepHandle):
     def scatter_pending(self, step: StepInputs) -> None:
         """Put this step's (still unread) ids into ``step``'s input ids, on the device, where
         ``step`` computes one of their positions."""
-        if self.resolved or not self._pending:
+        if self.resolved:
             return
+        if self._pending is None:
+            self._pending = {st.req_id: (i, int(p)) for i, (st, p) in enumerate(zip(self.states, self.positions))}
         qsl, lens = step.md.query_start_loc_cpu, step.md.seq_lens_cpu
         dst, src = [], []
         for i, rid in enumerate(step.req_ids):
