@@ -21,7 +21,7 @@ from runners.input_batch import InputBatch
 from runners.graphs import GraphManager
 from runners.inputs import InputBuilder, StepInputs
 from runners.kv_cache import KVCacheSpec, blocks_for_bytes
-from runners.plan import DevicePlan, default_graph_sizes, default_tokenwise_sizes, pad_to
+from runners.plan import DevicePlan, pad_to, plan_from_config
 from runners.prompt_logprobs import prompt_logprobs
 from runners.request_table import RequestTable
 from runners.sampler import Sampler
@@ -101,8 +101,7 @@ class ModelRunnerBase(ABC):
             raise TypeError(f"{type(self).__name__}._cache_device_properties() must return a DevicePlan "
                             f"(e.g. self.default_plan()), got {self.plan!r}")
         plan = self.plan
-        max_tokens = max(pad_to(self.max_num_tokens, plan.token_buckets), self.max_num_reqs,
-                         plan.tokenwise_graph_batch_sizes[-1] if plan.tokenwise_graph_batch_sizes else 0)
+        max_tokens = max(pad_to(self.max_num_tokens, plan.token_buckets), self.max_num_reqs)
         self.buffers = StepBuffers(max_tokens, pad_to(self.max_num_reqs, plan.req_buckets),
                                    self.max_blocks_per_req, self.device,
                                    pin_memory=self.platform.pin_memory, persistent=plan.persistent_buffers)
@@ -141,23 +140,8 @@ class ModelRunnerBase(ABC):
         ``cuda_graph_sizes``, else 1, 2, 4, 8, 16, ... up to the batch limit); piecewise
         graphs where ``use_piecewise_graph`` (captured at ``tokenwise_graph_batch_sizes``
         where graphs run, else the compiled pieces alone); ``enforce_eager`` turns all off."""
-        cfg, notes = self.config, []
-        graphs = self.platform.supports_graphs and self.attn_backend.supports_graphs and not cfg.enforce_eager
-        limit = min(self.max_num_reqs, self.max_num_tokens)
-        decode = sorted({s for s in cfg.cuda_graph_sizes or default_graph_sizes(limit) if s <= limit}) if graphs else []
-        piecewise = cfg.use_piecewise_graph and not cfg.enforce_eager
-        tokenwise: list[int] = []
-        if piecewise and graphs:
-            wanted = cfg.tokenwise_graph_batch_sizes or default_tokenwise_sizes(self.max_num_tokens)
-            tokenwise = sorted({s for s in wanted if s <= self.max_num_tokens})
-        elif piecewise:
-            notes.append(f"piecewise pieces run compiled without graphs ({self.platform.name} or the "
-                         f"{self.attn_backend.name} backend has none)")
-        if cfg.use_piecewise_graph and cfg.enforce_eager:
-            notes.append("use_piecewise_graph is off under enforce_eager")
-        plan = DevicePlan(decode_graph_sizes=tuple(decode), use_piecewise_graph=piecewise,
-                          tokenwise_graph_batch_sizes=tuple(tokenwise), notes=tuple(notes))
-        return dataclasses.replace(plan, **changes)
+        return dataclasses.replace(plan_from_config(self.config, self.platform, self.attn_backend,
+                                                    self.max_num_reqs, self.max_num_tokens), **changes)
 
     # Lifecycle ----------------------------------------------------------------------
     def initialize(self) -> int:

@@ -13,6 +13,12 @@ The padding arithmetic every plan uses lives here too: ``pad_to``, ``power_of_tw
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from attention.backend import AttentionBackend
+    from engine.config import EngineConfig
+    from platforms import Platform
 
 
 def power_of_two_buckets(limit: int, start: int = 1) -> list[int]:
@@ -142,3 +148,26 @@ class DevicePlan:
             parts.append("piecewise: compiled pieces" + (f", graphs at {len(t)} token counts ({t[0]}..{t[-1]})"
                                                         if t else ", no graphs"))
         return "; ".join(parts + list(self.notes))
+
+
+def plan_from_config(cfg: "EngineConfig", platform: "Platform", attn_backend: type["AttentionBackend"],
+                     max_num_reqs: int, max_num_tokens: int) -> DevicePlan:
+    """The default plan (``ModelRunnerBase.default_plan``): full decode graphs where the platform
+    and the attention backend support graphs, piecewise graphs where the config asks for them
+    (captured where graphs run, else the compiled pieces alone); ``enforce_eager`` turns all off."""
+    notes = []
+    graphs = platform.supports_graphs and attn_backend.supports_graphs and not cfg.enforce_eager
+    limit = min(max_num_reqs, max_num_tokens)
+    decode = sorted({s for s in cfg.cuda_graph_sizes or default_graph_sizes(limit) if s <= limit}) if graphs else []
+    piecewise = cfg.use_piecewise_graph and not cfg.enforce_eager
+    tokenwise: list[int] = []
+    if piecewise and graphs:
+        wanted = cfg.tokenwise_graph_batch_sizes or default_tokenwise_sizes(max_num_tokens)
+        tokenwise = sorted({s for s in wanted if s <= max_num_tokens})
+    elif piecewise:
+        notes.append(f"piecewise pieces run compiled without graphs ({platform.name} or the "
+                     f"{attn_backend.name} backend has none)")
+    if cfg.use_piecewise_graph and cfg.enforce_eager:
+        notes.append("use_piecewise_graph is off under enforce_eager")
+    return DevicePlan(decode_graph_sizes=tuple(decode), use_piecewise_graph=piecewise,
+                      tokenwise_graph_batch_sizes=tuple(tokenwise), notes=tuple(notes))
