@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_all.sh tests        GPU tests (pytest -m gpu) + attention/sampler tables
 #   bash benchmarks/gpu_all.sh throughput   ours vs HF continuous batching (+ roofline)
 #   bash benchmarks/gpu_all.sh tp           two GPUs: all-reduce latency, TP=1 vs TP=2 (8B), 70B at TP=2
+#   bash benchmarks/gpu_all.sh piecewise    piecewise vs simple graphs: startup, then workloads (8B shape)
 #   bash benchmarks/gpu_all.sh all          tests and throughput
 # Output goes to $OUT (or ./out) as logs and markdown tables.
 set -uo pipefail
@@ -22,6 +23,9 @@ if [[ $part == tests || $part == all ]]; then
 fi
 if [[ $part == throughput || $part == all ]]; then
   python3 benchmarks/gpu_throughput.py "${@:2}" 2>&1 | tee "$OUT/throughput.log" | grep -v "^\s*$"
+fi
+if [[ $part == piecewise ]]; then
+  python3 benchmarks/gpu_piecewise.py "${@:2}" 2>&1 | tee "$OUT/piecewise.log" | grep -E "^\||^#|plans|greedy|failed|Error"
 fi
 if [[ $part == tp ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/workers/test_tp_gpu.py -s 2>&1 | tee "$OUT/tp_tests.log" | grep -E "bf16|passed|failed"

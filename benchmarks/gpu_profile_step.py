@@ -51,7 +51,7 @@ def main() -> None:
                   tensor_parallel_size=args.tp,
                   distributed_executor_backend="external_launcher" if args.tp > 1 else None)
     sched, runner = llm.scheduler, llm.runner
-    print(f"backend {runner.attn_backend.name}, graphs {sorted(k[0] for k in runner.captured)[-3:]}")
+    print(f"backend {runner.attn_backend.name}, graphs {sorted(runner.graphs.full)[-3:]}")
     prompts = make_prompts("profile", args.batch, args.ctx, 0)
     from engine.request import Request
 

@@ -38,6 +38,10 @@ class TPGroup:
         """Sum of ``x`` over the group (may reuse ``x``'s storage; use the return value)."""
         if self.size == 1:
             return x
+        return self._all_reduce(x)
+
+    @torch.compiler.disable  # torch.compile'd pieces (piecewise graphs) call it eagerly
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         fast = self.small_all_reduce
         if fast is not None and fast.accepts(x):
             return fast(x)
@@ -48,6 +52,10 @@ class TPGroup:
         """Every rank's ``x`` concatenated along the last dimension, in rank order."""
         if self.size == 1:
             return x
+        return self._all_gather(x)
+
+    @torch.compiler.disable
+    def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor

@@ -39,7 +39,11 @@ class EngineConfig:
     attention_backend: str | None = None
     enforce_eager: bool = False
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
-    cuda_graph_sizes: list[int] = field(default_factory=list)  # empty: the runner's default
+    cuda_graph_sizes: list[int] = field(default_factory=list)  # full decode graphs; empty: the runner's default
+    # Piecewise graphs: token-wise pieces compiled with torch.compile, attention eager between them,
+    # captured at these token counts where the device has graphs (empty: the runner's default).
+    use_piecewise_graph: bool = False
+    tokenwise_graph_batch_sizes: list[int] = field(default_factory=list)
     tensor_parallel_size: int = 1
     # Schedule and launch step n+1 while step n runs; None: on where it was proven (CUDA), else off.
     async_scheduling: bool | None = None
@@ -66,8 +70,14 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        for s in self.cuda_graph_sizes:
-            _positive("cuda_graph_sizes", s)
+        for name in ("cuda_graph_sizes", "tokenwise_graph_batch_sizes"):
+            for s in getattr(self, name):
+                _positive(name, s)
+        if not isinstance(self.use_piecewise_graph, bool):
+            raise ValueError(f"use_piecewise_graph must be True or False, got {self.use_piecewise_graph!r}")
+        if self.tokenwise_graph_batch_sizes and not self.use_piecewise_graph:
+            raise ValueError("tokenwise_graph_batch_sizes are the piecewise graphs' token counts: "
+                             "set use_piecewise_graph=True with them")
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")

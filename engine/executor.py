@@ -50,6 +50,7 @@ class WorkerInfo:
     dtype: str
     tensor_parallel_size: int
     num_graphs: int
+    plan: str = ""  # the runner's DevicePlan in words (graphs, piecewise, padding)
     memory: str | None = None  # the KV sizing arithmetic, where the runner measured memory
     all_reduce: str | None = None  # how tensor-parallel all-reduces go (None: one rank)
 

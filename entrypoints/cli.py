@@ -65,6 +65,9 @@ def _engine_options() -> argparse.ArgumentParser:
     e.add_argument("--attention-backend", default=None, help="torch, triton or flash (default: the first of the "
                    "platform's choices that runs here)")
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA/XPU graphs, no XLA precompilation")
+    e.add_argument("--use-piecewise-graph", action="store_true",
+                   help="compile the token-wise pieces (torch.compile), attention eager between them; "
+                        "captured as graphs per token count where the device has graphs")
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch step n+1 while step n runs (default: on for CUDA, else off)")
     e.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                   attention_backend=args.attention_backend, num_kv_blocks=args.num_kv_blocks,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-                  async_scheduling=args.async_scheduling,
+                  use_piecewise_graph=args.use_piecewise_graph, async_scheduling=args.async_scheduling,
                   tensor_parallel_size=args.tp, distributed_executor_backend=args.distributed_executor_backend)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - reported in one line
         return _fail(e)
@@ -214,6 +217,7 @@ def _print(llm: Any, outputs: list, shown: list[str]) -> None:
     print(f"  device            {i.device} ({i.platform}){tp}")
     print(f"  runner            {i.runner}")
     print(f"  attention backend {i.attention_backend}")
+    print(f"  graphs            {i.plan}")
     print(f"  async scheduling  {'on' if llm.config.async_scheduling else 'off'}")
     print(f"  model             {llm.config.model} ({i.dtype})")
     print(f"  KV cache          {_plural(llm.num_kv_blocks, 'block')} x {llm.config.block_size} tokens = "

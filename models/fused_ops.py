@@ -45,8 +45,9 @@ def _triton_importable() -> bool:
 
 
 def fused_ops_enabled(x: torch.Tensor) -> bool:
-    """Whether ops on ``x`` take the fused path under the current mode (float64 never does)."""
-    if _mode == "off" or x.dtype not in _DTYPES:
+    """Whether ops on ``x`` take the fused path under the current mode (float64 never does).
+    Never while torch.compile traces: its own code generator fuses these ops."""
+    if _mode == "off" or x.dtype not in _DTYPES or torch.compiler.is_compiling():
         return False
     device = x.device.type
     if _mode == "auto":

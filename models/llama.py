@@ -15,6 +15,7 @@ from models.config import ModelConfig
 from models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                            RowParallelLinear, SiluAndMul, VocabParallelEmbedding)
 from models.rotary import RopeInputs, RotaryEmbedding, apply_rope
+from models.split import TokenwiseSplit
 
 
 class LlamaAttention(nn.Module):
@@ -33,8 +34,8 @@ class LlamaAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, d, d ** -0.5)
 
-    def forward(self, h: torch.Tensor, rope: RopeInputs, kv_cache: torch.Tensor | None,
-                md: AttentionMetadata) -> torch.Tensor:
+    def qkv(self, h: torch.Tensor, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The token-wise part before attention: q ``[T, Hq, D]``, k and v ``[T, Hk, D]``."""
         t = h.shape[0]
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -43,8 +44,12 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, k, rope)
-        out = self.attn(q, k, v, kv_cache, md)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return q, k, v
+
+    def forward(self, h: torch.Tensor, rope: RopeInputs, kv_cache: torch.Tensor | None,
+                md: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv(h, rope)
+        return self.o_proj(self.attn(q, k, v, kv_cache, md).reshape(h.shape[0], -1))
 
 
 class LlamaMLP(nn.Module):
@@ -67,15 +72,26 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
-                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def before_attention(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token-wise: (q, k, v, residual) for this layer's attention."""
         if residual is None:
             residual, h = h, self.input_layernorm(h)
         else:
             h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(h, rope, kv_cache, md)
+        return (*self.self_attn.qkv(h, rope), residual)
+
+    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-wise: o_proj, residual add + norm, MLP -> (h, residual) for the next layer."""
+        h = self.self_attn.o_proj(attn_out.reshape(attn_out.shape[0], -1))
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
+                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, residual = self.before_attention(h, residual, rope)
+        return self.after_attention(self.self_attn.attn(q, k, v, kv_cache, md), residual)
 
 
 class LlamaModel(nn.Module):
@@ -129,3 +145,51 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[R, hidden] -> [R, vocab]`` in the model's dtype."""
         return self.lm_head.compute_logits(hidden)
+
+    def tokenwise_split(self) -> TokenwiseSplit:
+        """The forward as token-wise pieces split at attention (piecewise graphs)."""
+        m = self.model
+        layers = list(m.layers)
+        return TokenwiseSplit(
+            entry=_Entry(m.embed_tokens, m.rotary_emb, layers[0]),
+            between=[_Between(a, b, m.rotary_emb) for a, b in zip(layers, layers[1:])],
+            exit=_Exit(layers[-1], m.norm),
+            attention=[layer.self_attn.attn for layer in layers])
+
+
+# Token-wise pieces: each holds references to the model's modules (no weights of its own).
+class _Entry(nn.Module):
+    """input_ids, positions -> (q, k, v, residual) of the first layer."""
+
+    def __init__(self, embed: nn.Module, rotary: RotaryEmbedding, layer: LlamaDecoderLayer) -> None:
+        super().__init__()
+        self.embed, self.rotary, self.layer = embed, rotary, layer
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.embed(input_ids)
+        return self.layer.before_attention(h, None, self.rotary.step_inputs(positions, h))
+
+
+class _Between(nn.Module):
+    """attn_out, residual, positions -> layer i's rest, then (q, k, v, residual) of layer i+1."""
+
+    def __init__(self, prev: LlamaDecoderLayer, nxt: LlamaDecoderLayer, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.prev, self.next, self.rotary = prev, nxt, rotary
+
+    def forward(self, attn_out: torch.Tensor, residual: torch.Tensor,
+                positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h, residual = self.prev.after_attention(attn_out, residual)
+        return self.next.before_attention(h, residual, self.rotary.step_inputs(positions, h))
+
+
+class _Exit(nn.Module):
+    """attn_out, residual -> the last layer's rest and the final norm: hidden states."""
+
+    def __init__(self, layer: LlamaDecoderLayer, norm: RMSNorm) -> None:
+        super().__init__()
+        self.layer, self.norm = layer, norm
+
+    def forward(self, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor]:
+        h, residual = self.layer.after_attention(attn_out, residual)
+        return (self.norm(h, residual)[0],)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import importlib
 
 from runners.base import ModelRunnerBase
+from runners.plan import DevicePlan
 from platforms import resolve_platform
 
-__all__ = ["ModelRunnerBase", "get_runner_cls"]
+__all__ = ["DevicePlan", "ModelRunnerBase", "get_runner_cls"]
 
 
 def get_runner_cls(device: str | None = None) -> type[ModelRunnerBase]:

@@ -1,15 +1,21 @@
-"""AcceleratorRunner: the hooks GPU and XPU runners share, written against platform ops only."""
+"""AcceleratorRunner: the four hooks of GPU-like devices (CUDA, ROCm, XPU), written against
+platform ops only; GPU and XPU runners differ in nothing but what their platform says."""
 from __future__ import annotations
 
 from runners.base import ModelRunnerBase
-from runners.graphs import capture_decode_graphs
 from runners.memory import measure_allocation, profile_memory
+from runners.plan import DevicePlan
 
 
 class AcceleratorRunner(ModelRunnerBase):
-    """Weights measured and the KV cache sized with the platform's memory ops; decode steps
-    captured as graphs where ``_cache_device_properties`` planned ``graph_sizes``.
-    Subclasses implement ``_cache_device_properties`` only."""
+    """Binds the device, measures the weights, sizes the KV cache from a worst-case step, and
+    captures the graphs the default plan declares (full decode graphs where the platform and
+    the attention backend have graphs; piecewise graphs where ``use_piecewise_graph``)."""
+
+    def _cache_device_properties(self) -> DevicePlan:
+        if self.device.index is not None:
+            self.platform.set_device(self.device.index)
+        return self.default_plan()
 
     def load_model(self) -> None:
         self.model, self.weights_bytes = measure_allocation(self.platform, self._build_model)
@@ -21,5 +27,4 @@ class AcceleratorRunner(ModelRunnerBase):
         return self._num_kv_blocks_for(self.memory_profile.kv_budget, self.memory_profile.describe())
 
     def capture_model(self) -> None:
-        if getattr(self, "graph_sizes", None):
-            capture_decode_graphs(self, self.graph_sizes)
+        self._capture_graphs()

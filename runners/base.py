@@ -2,10 +2,10 @@
 does not depend on the device. Device runners override four hooks, nothing else."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -18,8 +18,10 @@ from engine.outputs import ModelRunnerOutput, SchedulerOutput
 from models.config import ModelConfig
 from platforms import Platform, resolve_platform
 from runners.input_batch import InputBatch
-from runners.inputs import InputBuilder, Padding, StepInputs, pad_to
+from runners.graphs import GraphManager
+from runners.inputs import InputBuilder, StepInputs
 from runners.kv_cache import KVCacheSpec, blocks_for_bytes
+from runners.plan import DevicePlan, pad_to, plan_from_config
 from runners.prompt_logprobs import prompt_logprobs
 from runners.request_table import RequestTable
 from runners.sampler import Sampler
@@ -29,11 +31,11 @@ from runners.step_buffers import StepBuffers
 
 
 def _no_grad(fn: Callable) -> Callable:
-    """``torch.inference_mode``, or ``torch.no_grad`` where a hook cleared ``use_inference_mode``
-    (torch_xla cannot take a view of an ordinary tensor, e.g. a weight, in inference mode)."""
+    """``torch.inference_mode``, or ``torch.no_grad`` where the plan says so (torch_xla cannot
+    take a view of an ordinary tensor, e.g. a weight, in inference mode)."""
     @functools.wraps(fn)
     def run(self: "ModelRunnerBase", *args, **kwargs):
-        with torch.inference_mode() if self.use_inference_mode else torch.no_grad():
+        with torch.inference_mode() if self.plan.inference_mode else torch.no_grad():
             return fn(self, *args, **kwargs)
     return run
 
@@ -41,10 +43,18 @@ def _no_grad(fn: Callable) -> Callable:
 class ModelRunnerBase(ABC):
     """Turns ``SchedulerOutput`` into sampled tokens on one device.
 
-    Lifecycle: ``__init__`` (configs, host buffers) -> ``load_model`` -> ``profile_run``
-    (returns the KV block count) -> ``initialize_kv_cache`` -> ``capture_model``;
-    ``initialize()`` runs all four. Then ``execute_model`` once per step.
+    Lifecycle: ``__init__`` (configs, host buffers; ``_cache_device_properties`` returns the
+    ``DevicePlan``) -> ``load_model`` -> ``profile_run`` (returns the KV block count) ->
+    ``initialize_kv_cache`` -> ``capture_model``; ``initialize()`` runs all four. Then
+    ``execute_model`` once per step.
     """
+
+    # The only attributes a hook may set (the conformance suite checks it): everything else a
+    # device wants from the base is declared in the plan.
+    HOOK_RESULTS: ClassVar[dict[str, frozenset[str]]] = {
+        "load_model": frozenset({"model", "weights_bytes"}),  # bytes the weights took (memory profiling)
+        "profile_run": frozenset({"memory_profile"}),  # the KV sizing arithmetic, reported to users
+    }
 
     def __init__(self, config: EngineConfig, platform: Platform | None = None, tp: TPGroup | None = None) -> None:
         """``tp``: this rank's tensor-parallel group (a worker builds it); the model and the KV
@@ -83,35 +93,30 @@ class ModelRunnerBase(ABC):
         self.requests = RequestTable(self.input_batch, self.sampling_state)
         self._last_step: RunnerStep | None = None  # the last launched step (its ids may be unread)
         self.sampler = Sampler()
-        self.model: torch.nn.Module | None = None
+        self.model: torch.nn.Module | None = None  # set by load_model
         self.kv_caches: list[torch.Tensor] = []
         self.num_kv_blocks = 0
-        # Set by hooks. Padding buckets: ``token_buckets``/``req_buckets`` pad every step
-        # (static-shape devices); ``decode_buckets`` pad pure-decode steps only (graphs).
-        self.token_buckets: list[int] | None = None
-        self.req_buckets: list[int] | None = None
-        self.decode_buckets: list[int] | None = None
-        # XLA clears both: fresh uploads instead of fixed device buffers; no_grad, not inference_mode.
-        self.persistent_buffers = True
-        self.use_inference_mode = True
-        self.captured: dict[tuple[int, int], Callable[[StepInputs], torch.Tensor]] = {}
-        self._cache_device_properties()
-        max_tokens = max(pad_to(self.max_num_tokens, self.token_buckets), self.max_num_reqs)
-        self.buffers = StepBuffers(max_tokens, pad_to(self.max_num_reqs, self.req_buckets),
+        self.plan = self._cache_device_properties()
+        if not isinstance(self.plan, DevicePlan):
+            raise TypeError(f"{type(self).__name__}._cache_device_properties() must return a DevicePlan "
+                            f"(e.g. self.default_plan()), got {self.plan!r}")
+        plan = self.plan
+        max_tokens = max(pad_to(self.max_num_tokens, plan.token_buckets), self.max_num_reqs)
+        self.buffers = StepBuffers(max_tokens, pad_to(self.max_num_reqs, plan.req_buckets),
                                    self.max_blocks_per_req, self.device,
-                                   pin_memory=self.platform.pin_memory, persistent=self.persistent_buffers)
+                                   pin_memory=self.platform.pin_memory, persistent=plan.persistent_buffers)
         pin = self.platform.pin_memory and self.device.type not in ("cpu", "xla")
         self._host_ids = [torch.empty(self.max_num_reqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._host_flip = 0
-        self.inputs = InputBuilder(self.buffers, self.input_batch, self.attn_backend,
-                                   Padding(self.token_buckets, self.req_buckets, self.decode_buckets),
+        self.inputs = InputBuilder(self.buffers, self.input_batch, self.attn_backend, plan,
                                    self.block_size, self.max_model_len, self.max_blocks_per_req)
+        self.graphs = GraphManager(plan, self.platform, self.buffers, mc.hidden_size, self.dtype)
 
     # The four device hooks ----------------------------------------------------------
     @abstractmethod
-    def _cache_device_properties(self) -> None:
-        """Read device facts once (SM count, graph sizes...); may set ``token_buckets`` and
-        ``req_buckets`` so the base pads shapes for graphs or XLA. Called by ``__init__``."""
+    def _cache_device_properties(self) -> DevicePlan:
+        """Read device facts once (bind the device, ...) and return this device's ``DevicePlan``:
+        ``self.default_plan(**changes)``. Called by ``__init__``; sets no attribute."""
 
     @abstractmethod
     def load_model(self) -> None:
@@ -124,8 +129,19 @@ class ModelRunnerBase(ABC):
 
     @abstractmethod
     def capture_model(self) -> None:
-        """Prepare fast paths (CUDA/XPU graphs, XLA precompilation) into ``self.captured``;
-        a no-op where the device runs eagerly."""
+        """Prepare the fast paths the plan declares (``self.graphs.capture(...)`` for graphs, XLA
+        precompilation); a no-op where the device runs eagerly. Sets no attribute."""
+
+    # The plan -------------------------------------------------------------------------
+    def default_plan(self, **changes: Any) -> DevicePlan:
+        """The plan from the platform's capability flags and the engine config, with ``changes``.
+
+        Full decode graphs where the platform and the attention backend support graphs (at
+        ``cuda_graph_sizes``, else 1, 2, 4, 8, 16, ... up to the batch limit); piecewise
+        graphs where ``use_piecewise_graph`` (captured at ``tokenwise_graph_batch_sizes``
+        where graphs run, else the compiled pieces alone); ``enforce_eager`` turns all off."""
+        return dataclasses.replace(plan_from_config(self.config, self.platform, self.attn_backend,
+                                                    self.max_num_reqs, self.max_num_tokens), **changes)
 
     # Lifecycle ----------------------------------------------------------------------
     def initialize(self) -> int:
@@ -213,12 +229,12 @@ class ModelRunnerBase(ABC):
         return buf, event
 
     def _forward(self, step: StepInputs) -> torch.Tensor:
-        key = (step.input_ids.shape[0], step.md.query_start_loc.shape[0] - 1)
-        fn = self.captured.get(key) if step.md.is_pure_decode else None
-        if fn is not None:
-            return fn(step)
         kv = self.kv_caches or [None] * self.kv_cache_spec.num_layers
-        return self.model(step.input_ids, step.positions, kv, step.md)
+        return self.graphs.forward(self.model, step, kv)
+
+    def _capture_graphs(self) -> None:
+        """What ``capture_model`` calls where the device has graphs (the plan says which)."""
+        self.graphs.capture(self.model, self.kv_caches, self.inputs.dummy, self._dummy_run)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         """Apply finished / preempted / new / cached requests to the persistent batch."""

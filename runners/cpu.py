@@ -1,22 +1,20 @@
-"""CPURunner: eager execution; the KV cache takes a bounded share of free RAM."""
+"""CPURunner: eager execution (or compiled pieces with ``use_piecewise_graph``); the KV cache
+takes a bounded share of free RAM."""
 from __future__ import annotations
 
-import torch
-
 from runners.base import ModelRunnerBase
+from runners.plan import DevicePlan
 
 CPU_KV_CACHE_CAP = 4 * 2**30  # like vLLM's default CPU KV space; kv_cache_memory_bytes overrides
 WARMUP_TOKENS = 64  # the startup step: the model and the sampler run once, end to end
 
 
 class CPURunner(ModelRunnerBase):
-    def _cache_device_properties(self) -> None:
-        self.num_threads = torch.get_num_threads()
+    def _cache_device_properties(self) -> DevicePlan:
+        return self.default_plan()  # no graphs; use_piecewise_graph compiles the pieces
 
     def load_model(self) -> None:
-        before = self.platform.memory_allocated()
         self.model = self._build_model()
-        self.model_memory_bytes = max(self.platform.memory_allocated() - before, 0)
 
     def profile_run(self) -> int:
         """KV blocks from RAM: min(4 GiB, half of free RAM), no more than could ever be used.
@@ -32,4 +30,4 @@ class CPURunner(ModelRunnerBase):
         return self._num_kv_blocks_for(budget, "min(4 GiB, half of free RAM)", max_useful=useful)
 
     def capture_model(self) -> None:
-        pass  # eager on the CPU
+        pass  # no graphs on the CPU; compiled pieces compile at their first step

@@ -1,18 +1,9 @@
-"""GPURunner (CUDA and ROCm): device facts from torch.cuda; the rest is AcceleratorRunner's."""
+"""GPURunner (CUDA and ROCm): everything is AcceleratorRunner's; the CUDA platform supplies
+the device ops, graphs and the default plan's capability flags."""
 from __future__ import annotations
 
-import torch
-
 from runners.accelerator import AcceleratorRunner
-from runners.graphs import plan_decode_graphs
 
 
 class GPURunner(AcceleratorRunner):
-    def _cache_device_properties(self) -> None:
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self.platform.set_device(index)
-        props = torch.cuda.get_device_properties(index)
-        self.device_name = props.name
-        self.num_sms = props.multi_processor_count
-        self.capability = (props.major, props.minor)
-        plan_decode_graphs(self)
+    pass

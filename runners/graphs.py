@@ -1,56 +1,88 @@
-"""Graph capture of pure-decode steps at padded batch sizes (CUDA and XPU graphs).
+"""``GraphManager``: the one object that owns how a step's forward runs - full graph, piecewise
+(compiled pieces, captured per token count where the platform has graphs) or eager - and the
+graphs it captured. The base's ``_forward`` goes through ``forward``; the ``DevicePlan`` decides.
 
-Each graph replays the model forward on the runner's persistent step buffers; the
-base's ``_forward`` picks it by padded (tokens, requests) shape.
+Fixed-address buffers it relies on (graphs replay on them): the runner's step input buffers
+(``StepBuffers``, persistent: input_ids, positions, slot_mapping, query_start_loc, seq_lens,
+block_table, logits_indices), the KV caches (allocated once, before capture) and, piecewise,
+``PiecewiseModel``'s boundary buffers. Full decode graphs are keyed by padded batch size,
+piecewise graphs by (piece, padded token count); ``DevicePlan.shape`` pads steps to those sizes.
 """
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 
-if TYPE_CHECKING:
-    from runners.base import ModelRunnerBase
-    from runners.inputs import StepInputs
+from platforms import Platform
+from runners.inputs import StepInputs
+from runners.piecewise import PiecewiseModel
+from runners.plan import DevicePlan
+from runners.step_buffers import StepBuffers
 
 
-def default_graph_sizes(max_size: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to 256, then every 16 (vLLM-like), capped at max_size."""
-    sizes = [1, 2, 4] + list(range(8, 257, 8)) + list(range(272, 1025, 16))
-    return [s for s in sizes if s < max_size] + [max_size]
+class GraphManager:
+    def __init__(self, plan: DevicePlan, platform: Platform, buffers: StepBuffers, hidden_size: int,
+                 dtype: torch.dtype) -> None:
+        self.plan, self.platform, self.buffers = plan, platform, buffers
+        self._piece_args = (buffers.max_tokens, hidden_size, dtype, buffers.device)
+        self.full: dict[int, Callable[[], torch.Tensor]] = {}  # decode batch size -> replay
+        self.piecewise: PiecewiseModel | None = None
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.full) + (len(self.piecewise.graphs) if self.piecewise is not None else 0)
+
+    def forward(self, model: torch.nn.Module, step: StepInputs, kv_caches: list[torch.Tensor | None]) -> torch.Tensor:
+        """Hidden states of ``step``: a full graph for a captured pure-decode size, else the
+        piecewise model where the plan says so, else the eager model."""
+        if step.md.is_pure_decode and self.full:
+            replay = self.full.get(step.input_ids.shape[0])
+            if replay is not None:
+                return replay()
+        if self.plan.use_piecewise_graph:
+            return self._pieces(model).forward(step.input_ids, step.positions, kv_caches, step.md)
+        return model(step.input_ids, step.positions, kv_caches, step.md)
+
+    def _pieces(self, model: torch.nn.Module) -> PiecewiseModel:
+        if self.piecewise is None:  # built at the first step (the profile run counts its buffers)
+            split = getattr(model, "tokenwise_split", None)
+            if split is None:
+                raise ValueError(f"use_piecewise_graph=True, but {type(model).__name__} has no tokenwise_split(): "
+                                 f"run it with use_piecewise_graph=False")
+            self.piecewise = PiecewiseModel(split(), *self._piece_args)
+        return self.piecewise
+
+    @torch.inference_mode()
+    def capture(self, model: torch.nn.Module, kv_caches: list[torch.Tensor],
+                dummy: Callable[[int, int], StepInputs], warm_up: Callable[[int, int], Any]) -> None:
+        """Capture what the plan asks for: full decode graphs at ``decode_graph_sizes`` (largest
+        first, one memory pool), then the pieces at ``tokenwise_graph_batch_sizes``. ``dummy(t, r)``
+        builds inert inputs of t tokens over r requests in the step buffers; ``warm_up(t, r)``
+        runs such a step (compiles kernels, settles allocations)."""
+        platform, pool = self.platform, None
+        if self.plan.has_graphs:
+            pool = platform.graph_pool_handle()
+        for n in sorted(self.plan.decode_graph_sizes, reverse=True):
+            warm_up(n, n)
+            warm_up(n, n)
+            step = dummy(n, n)
+            graph = platform.new_graph()
+            with platform.graph_capture(graph, pool):
+                out = model(step.input_ids, step.positions, kv_caches, step.md)
+            self.full[n] = _Replay(graph, out)
+        sizes = self.plan.tokenwise_graph_batch_sizes
+        if sizes:  # the pieces read input_ids/positions from the step buffers
+            self._pieces(model).capture(list(sizes), self.buffers.dev["input_ids"], self.buffers.dev["positions"],
+                                        platform, pool)
+        if self.plan.has_graphs:
+            platform.synchronize()
 
 
-def plan_decode_graphs(runner: "ModelRunnerBase") -> None:
-    """Choose the decode batch sizes to capture (``runner.graph_sizes``) and pad pure-decode steps
-    to them (``runner.decode_buckets``), when graphs can run: not ``enforce_eager``, a platform
-    with graphs and a graph-safe attention backend."""
-    runner.graph_sizes = []
-    if runner.config.enforce_eager or not runner.platform.supports_graphs \
-            or not runner.attn_backend.supports_graphs:
-        return
-    limit = min(runner.max_num_reqs, runner.max_num_tokens)
-    sizes = runner.config.cuda_graph_sizes or default_graph_sizes(limit)
-    runner.graph_sizes = sorted(s for s in sizes if s <= limit)
-    runner.decode_buckets = runner.graph_sizes or None
+class _Replay:
+    def __init__(self, graph: Any, out: torch.Tensor) -> None:
+        self.graph, self.out = graph, out
 
-
-def _replay(graph: Any, out: torch.Tensor, step: "StepInputs") -> torch.Tensor:
-    graph.replay()
-    return out
-
-
-@torch.inference_mode()
-def capture_decode_graphs(runner: "ModelRunnerBase", sizes: list[int]) -> None:
-    """Capture one graph per size into ``runner.captured``, largest first (sharing a pool)."""
-    platform = runner.platform
-    pool = platform.graph_pool_handle()
-    for n in sorted(sizes, reverse=True):
-        runner._dummy_run(n, n)  # warm-up: compiles kernels, settles allocations
-        runner._dummy_run(n, n)
-        step = runner.inputs.dummy(n, n)
-        graph = platform.new_graph()
-        with platform.graph_capture(graph, pool):
-            out = runner.model(step.input_ids, step.positions, runner.kv_caches, step.md)
-        runner.captured[(n, n)] = functools.partial(_replay, graph, out)
-    platform.synchronize()
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out

@@ -1,9 +1,9 @@
 """Step inputs: what one step feeds the model, built from the persistent batch (vectorised numpy
 into fixed step buffers, then one upload per buffer), and the padding that static shapes need.
 
-``Padding`` says how a step's token and request counts round up: ``token_buckets`` and
-``req_buckets`` pad every step (static-shape devices), ``decode_buckets`` pad pure-decode steps
-only (the batch sizes captured as graphs). Padding is inert: slot -1, seq_len 0, null block 0.
+The ``DevicePlan`` says how a step's token and request counts round up (``DevicePlan.shape``:
+static-shape buckets, the captured decode batch sizes, the piecewise token counts). Padding is
+inert: slot -1, seq_len 0, null block 0.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from attention import AttentionMetadata
 from attention.backend import AttentionBackend
 from runners.input_batch import InputBatch
+from runners.plan import DevicePlan, pad_to
 from runners.step_buffers import StepBuffers
 
 
@@ -31,47 +32,12 @@ class StepInputs:
     sample_mask: np.ndarray  # per request in batch order: does it sample?
 
 
-def power_of_two_buckets(limit: int, start: int = 1) -> list[int]:
-    """Powers of two from ``start`` up to and including ``limit``."""
-    out, b = [], start
-    while b < limit:
-        out.append(b)
-        b *= 2
-    return out + [limit]
-
-
-def pad_to(n: int, buckets: list[int] | None) -> int:
-    """The smallest bucket >= n (n itself without buckets); ValueError past the largest."""
-    if not buckets:
-        return n
-    for b in buckets:
-        if b >= n:
-            return b
-    raise ValueError(f"{n} exceeds the largest padding bucket {buckets[-1]}")
-
-
-@dataclass(frozen=True)
-class Padding:
-    token_buckets: list[int] | None = None
-    req_buckets: list[int] | None = None
-    decode_buckets: list[int] | None = None
-
-    def shape(self, n: int, n_reqs: int) -> tuple[int, int, bool]:
-        """(padded tokens, padded requests, static?) for a step of n tokens over n_reqs."""
-        if self.token_buckets:
-            return pad_to(n, self.token_buckets), pad_to(n_reqs, self.req_buckets), True
-        if n == n_reqs and self.decode_buckets and n <= self.decode_buckets[-1]:
-            p = pad_to(n, self.decode_buckets)
-            return p, p, True
-        return n, n_reqs, False
-
-
 class InputBuilder:
     """Fills ``buffers`` from ``input_batch`` for one step; see ``build``."""
 
     def __init__(self, buffers: StepBuffers, input_batch: InputBatch, attn_backend: type[AttentionBackend],
-                 padding: Padding, block_size: int, max_model_len: int, max_blocks_per_req: int) -> None:
-        self.buffers, self.input_batch, self.attn_backend, self.padding = buffers, input_batch, attn_backend, padding
+                 plan: DevicePlan, block_size: int, max_model_len: int, max_blocks_per_req: int) -> None:
+        self.buffers, self.input_batch, self.attn_backend, self.plan = buffers, input_batch, attn_backend, plan
         self.block_size, self.max_model_len, self.max_blocks_per_req = block_size, max_model_len, max_blocks_per_req
 
     def build(self, req_ids: list[str], rows: np.ndarray, num_sched: np.ndarray,
@@ -82,7 +48,7 @@ class InputBuilder:
         self.buffers.next_set()
         b, ib, bs = self.buffers.np, self.input_batch, self.block_size
         n_reqs, n = len(num_sched), int(num_sched.sum())
-        n_pad, r_pad, static = self.padding.shape(n, n_reqs)
+        n_pad, r_pad, static = self.plan.shape(n, n_reqs)
         cu = np.cumsum(num_sched)
         computed = np.zeros(n_reqs, np.int32) if dummy else ib.num_computed[rows]
         seq_lens = computed + num_sched
@@ -119,8 +85,8 @@ class InputBuilder:
             bt[n_reqs:] = 0
             sample_mask = seq_lens >= ib.num_tokens[rows]
         sample_idx, sample_rows = cu[sample_mask] - 1, rows[sample_mask]
-        if self.padding.req_buckets and len(sample_idx):  # static sampler shapes: repeat the last row
-            extra = pad_to(len(sample_idx), self.padding.req_buckets) - len(sample_idx)
+        if self.plan.req_buckets and len(sample_idx):  # static sampler shapes: repeat the last row
+            extra = pad_to(len(sample_idx), self.plan.req_buckets) - len(sample_idx)
             sample_idx = np.pad(sample_idx, (0, extra), "edge")
             sample_rows = np.pad(sample_rows, (0, extra), "edge")
         b["logits_indices"][:len(sample_idx)] = sample_idx

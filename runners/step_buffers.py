@@ -19,7 +19,7 @@ import torch
 class StepBuffers:
     def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int,
                  device: torch.device, pin_memory: bool, persistent: bool = True) -> None:
-        self.device = device
+        self.device, self.max_tokens = device, max_tokens
         self.same = device.type == "cpu"
         self.persistent = persistent
         specs = {

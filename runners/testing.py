@@ -12,7 +12,8 @@ It drives ``execute_model`` with hand-built ``SchedulerOutput``s - prefill, deco
 mixed batch, chunked prefill, a prefix-cache hit, preemption and resume - and checks
 the greedy tokens against a plain reference (the same model recomputing the whole
 sequence each step on the CPU, no KV cache), plus the four-hook contract (each hook's
-result checked, failures name the hook), ``_dummy_run``, KV-cache initialisation, the
+result checked, failures name the hook; ``_cache_device_properties`` returns the DevicePlan and
+no hook sets an attribute beyond its documented results or replaces a method), ``_dummy_run``, KV-cache initialisation, the
 engine overrides (``num_kv_blocks``, ``kv_cache_memory_bytes``) and KV sizing without
 them on a device of ``kv_sizing_budget`` bytes (the platform seen through ``MemoryBudget``).
 """
@@ -28,8 +29,9 @@ from engine.outputs import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.sampling_params import SamplingParams
 from platforms import Platform, resolve_platform
 from runners.base import ModelRunnerBase
+from runners.plan import DevicePlan
 from runners.testing_checks import (MIB, MemoryBudget, assert_tokens, check_kv_blocks, check_sized_within,
-                                    finish_initialize, load_and_profile, reference_greedy)
+                                    finish_initialize, load_and_profile, reference_greedy, run_hook)
 
 HOOKS = frozenset({"_cache_device_properties", "load_model", "profile_run", "capture_model"})
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
@@ -170,6 +172,12 @@ class RunnerConformance:
                 break
             extra = overridden_names(cls) - HOOKS
             assert not extra, f"{cls.__name__} defines {sorted(extra)} beyond the four hooks"
+
+    def test_device_properties_declare_a_plan(self, model_dir: str) -> None:
+        runner = self.new_runner(model_dir)
+        plan = run_hook(runner, "_cache_device_properties")
+        assert isinstance(plan, DevicePlan) and plan == runner.plan, \
+            f"{type(runner).__name__}._cache_device_properties() returned {plan!r}, not the runner's plan {runner.plan!r}"
 
     def test_kv_cache_initialised_to_spec(self, runner: ModelRunnerBase) -> None:
         spec = runner.get_kv_cache_spec()

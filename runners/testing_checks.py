@@ -4,7 +4,7 @@ asserts would be bare here: pytest rewrites asserts in test modules only)."""
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -42,26 +42,64 @@ def reference_greedy(model_dir: str, prompt: tuple[int, ...], n: int) -> list[in
     return ids[len(prompt):]
 
 
+_MISSING = object()
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
+    """Attributes added, removed or rebound (an equal scalar written again does not count)."""
+    out = set()
+    for k in before.keys() | after.keys():
+        a, b = before.get(k, _MISSING), after.get(k, _MISSING)
+        if a is b or (type(a) is type(b) and isinstance(a, (int, float, str)) and a == b):
+            continue
+        out.add(k)
+    return out
+
+
+def run_hook(runner: ModelRunnerBase, hook: str, check: Callable[[Any], None] | None = None) -> Any:
+    """Call one of the four hooks and ``check`` its result; it may set only its documented
+    results (``ModelRunnerBase.HOOK_RESULTS``) and must not replace a method on the instance."""
+    name, before = type(runner).__name__, dict(vars(runner))
+    result = getattr(runner, hook)()
+    if check is not None:
+        check(result)
+    shadowed = sorted(k for k in vars(runner) if callable(getattr(type(runner), k, None)))
+    if shadowed:
+        raise AssertionError(f"{name}.{hook}(): the instance attributes {shadowed} replace methods of the "
+                             f"class; override a hook instead")
+    extra = _changed(before, vars(runner)) - runner.HOOK_RESULTS.get(hook, frozenset())
+    if extra:
+        allowed = sorted(runner.HOOK_RESULTS.get(hook, ()))
+        raise AssertionError(f"{name}.{hook}() set {sorted(extra)}: a hook sets no attribute beyond its "
+                             f"documented results ({allowed or 'none'}); what a device wants from the base "
+                             f"goes into the DevicePlan that _cache_device_properties() returns")
+    return result
+
+
 def load_and_profile(runner: ModelRunnerBase) -> int:
     """``load_model`` then ``profile_run``, each checked against its contract; the block count."""
     name = type(runner).__name__
     runner.platform.seed_everything(runner.config.seed)
-    runner.load_model()
-    if not isinstance(runner.model, torch.nn.Module):
-        raise AssertionError(f"{name}.load_model() must set self.model to the model on self.device "
-                             f"(self._build_model() loads it); self.model is {runner.model!r}")
-    n = runner.profile_run()
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 2):
-        raise AssertionError(f"{name}.profile_run() must return the number of KV blocks, an int >= 2 "
-                             f"(self._num_kv_blocks_for(...) applies the engine overrides); it returned {n!r}")
-    return n
+
+    def has_model(_: None) -> None:
+        if not isinstance(runner.model, torch.nn.Module):
+            raise AssertionError(f"{name}.load_model() must set self.model to the model on self.device "
+                                 f"(self._build_model() loads it); self.model is {runner.model!r}")
+
+    def is_count(n: Any) -> None:
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 2):
+            raise AssertionError(f"{name}.profile_run() must return the number of KV blocks, an int >= 2 "
+                                 f"(self._num_kv_blocks_for(...) applies the engine overrides); it returned {n!r}")
+
+    run_hook(runner, "load_model", has_model)
+    return run_hook(runner, "profile_run", is_count)
 
 
 def finish_initialize(runner: ModelRunnerBase, num_blocks: int) -> None:
     """The rest of ``initialize()``: the KV cache, then ``capture_model`` (unless eager)."""
     runner.initialize_kv_cache(num_blocks)
     if not runner.config.enforce_eager:
-        runner.capture_model()
+        run_hook(runner, "capture_model")
 
 
 def check_kv_blocks(runner: ModelRunnerBase, returned: int, expected: int, why: str) -> None:

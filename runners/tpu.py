@@ -4,37 +4,15 @@ once, so serving greedy requests never compiles. Runs on XLA's CPU client with
 ``PJRT_DEVICE=CPU``; torch_xla is imported only by the hooks."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from runners.base import ModelRunnerBase
-from runners.inputs import pad_to, power_of_two_buckets
+from runners.plan import DevicePlan, pad_to, power_of_two_buckets, step_shapes
 from runners.sampling_metadata import SamplingMetadata
 
 MIN_TOKEN_BUCKET = 16
 MIN_REQ_BUCKET = 8  # fewer request buckets, fewer graphs; padded rows cost little
 CPU_KV_CACHE_CAP = 4 * 2**30  # the CPU client shares host RAM, as on the CPU runner
-
-
-def step_shapes(token_buckets: list[int], req_buckets: list[int]) -> list[tuple[int, int, bool]]:
-    """One (num_tokens, num_reqs, pure_decode) per padded step shape that can occur.
-
-    A step of n tokens over k <= n requests pads to (bucket(n), bucket(k)); pure decodes
-    (n == k) attend with ``max_query_len`` 1, mixed steps with the padded token count, so
-    they are distinct graphs. Each tuple is a step that pads to its shape.
-    """
-    shapes, t_lo = [], 0
-    for t in token_buckets:
-        r_lo = 0
-        for r in req_buckets:
-            if min(r, t - 1) > r_lo:  # mixed: the most requests below t tokens, within (r_lo, r]
-                shapes.append((t, min(r, t - 1), False))
-            if min(t, r) > max(t_lo, r_lo):  # pure decode: n == k inside both ranges
-                shapes.append((min(t, r), min(t, r), True))
-            r_lo = r
-        t_lo = t
-    return shapes
 
 
 def greedy_metadata(num_rows: int, vocab_size: int, num_candidates: int) -> SamplingMetadata:
@@ -44,17 +22,15 @@ def greedy_metadata(num_rows: int, vocab_size: int, num_candidates: int) -> Samp
 
 
 class TPURunner(ModelRunnerBase):
-    def _cache_device_properties(self) -> None:
-        import torch_xla.runtime as xr
-
-        self.device_kind = xr.device_type()  # "TPU", or "CPU" for the host client
-        self.num_devices = xr.global_runtime_device_count()
-        self.persistent_buffers = False  # fresh uploads: updating a device buffer in place is traced
-        self.use_inference_mode = False  # torch_xla cannot view a weight inside inference_mode
-        self.token_buckets = power_of_two_buckets(self.max_num_tokens, min(MIN_TOKEN_BUCKET, self.max_num_tokens))
-        self.req_buckets = power_of_two_buckets(self.max_num_reqs, min(MIN_REQ_BUCKET, self.max_num_reqs))
-        self.step_shapes = step_shapes(self.token_buckets, self.req_buckets)
-        self.compile_seconds = 0.0
+    def _cache_device_properties(self) -> DevicePlan:
+        notes = ("use_piecewise_graph is not needed on XLA: every step runs as one compiled graph",) \
+            if self.config.use_piecewise_graph else ()
+        return self.default_plan(
+            token_buckets=tuple(power_of_two_buckets(self.max_num_tokens, min(MIN_TOKEN_BUCKET, self.max_num_tokens))),
+            req_buckets=tuple(power_of_two_buckets(self.max_num_reqs, min(MIN_REQ_BUCKET, self.max_num_reqs))),
+            persistent_buffers=False,  # fresh uploads: updating a device buffer in place is traced
+            inference_mode=False,  # torch_xla cannot view a weight inside inference_mode
+            use_piecewise_graph=False, notes=notes)
 
     def load_model(self) -> None:
         self.model = self._build_model()
@@ -63,18 +39,23 @@ class TPURunner(ModelRunnerBase):
 
             # One dynamo graph per step shape, + the profile step; the default limit is 8.
             key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-            setattr(dynamo_config, key, max(getattr(dynamo_config, key), 2 * len(self.step_shapes) + 8))
+            num_shapes = len(step_shapes(self.plan.token_buckets, self.plan.req_buckets))
+            setattr(dynamo_config, key, max(getattr(dynamo_config, key), 2 * num_shapes + 8))
             self.model.compile(backend="openxla", fullgraph=True, dynamic=False)
 
     def profile_run(self) -> int:
         # The serving path (KV cache present, so on a TPU the Pallas kernel) over a throwaway
         # two-block cache: dummy steps read and write only the null block.
-        self.kv_caches = self.kv_cache_spec.allocate(2, self.device)
-        self._dummy_run(self.max_num_tokens, sample=True)
-        self.platform.synchronize()
-        self.kv_caches = []
+        import torch_xla.runtime as xr
+
+        empty, self.kv_caches = self.kv_caches, self.kv_cache_spec.allocate(2, self.device)
+        try:
+            self._dummy_run(self.max_num_tokens, sample=True)
+            self.platform.synchronize()
+        finally:
+            self.kv_caches = empty
         free, total = self.platform.mem_get_info()
-        if self.device_kind != "TPU":  # the CPU client: host RAM, bounded like the CPU runner's
+        if xr.device_type() != "TPU":  # the CPU client: host RAM, bounded like the CPU runner's
             useful = self.max_num_reqs * self.max_blocks_per_req + 1  # more could never be used
             budget = min(CPU_KV_CACHE_CAP, free // 2)
             return self._num_kv_blocks_for(budget, "min(4 GiB, half of free RAM)", max_useful=useful)
@@ -87,12 +68,13 @@ class TPURunner(ModelRunnerBase):
     def capture_model(self) -> None:
         # Every padded forward, then the greedy sampler for every padded count of sampled rows
         # that forward can feed (the base pads sampled rows to a request bucket as well).
-        start, done = time.perf_counter(), set()
+        done: set[tuple[int, int]] = set()
         vocab, cands = self.model_config.vocab_size, self.sampling_state.num_candidates
-        for tokens, reqs, _ in self.step_shapes:
+        buckets = self.plan.req_buckets
+        for tokens, reqs, _ in step_shapes(self.plan.token_buckets, buckets):
             hidden = self._dummy_run(tokens, reqs)
-            top = self.req_buckets.index(pad_to(reqs, self.req_buckets))
-            for rows in self.req_buckets[:top + 1]:
+            top = buckets.index(pad_to(reqs, buckets))
+            for rows in buckets[:top + 1]:
                 if (hidden.shape[0], rows) in done:
                     continue
                 done.add((hidden.shape[0], rows))
@@ -101,4 +83,3 @@ class TPURunner(ModelRunnerBase):
                     logits = self.model.compute_logits(hidden[idx]).float()
                     self.sampler(logits, greedy_metadata(rows, vocab, cands)).sampled_token_ids.cpu()
         self.platform.synchronize()
-        self.compile_seconds = time.perf_counter() - start

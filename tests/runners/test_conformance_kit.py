@@ -41,7 +41,7 @@ class SizesFromPsutil(CPURunner):
 
 class AcceleratorOnHostRam(AcceleratorRunner):
     def _cache_device_properties(self):
-        self.graph_sizes = []
+        return self.default_plan(decode_graph_sizes=())
 
 
 class WrongTokens(CPURunner):
@@ -49,6 +49,22 @@ class WrongTokens(CPURunner):
         self.model = self._build_model()
         with torch.no_grad():
             self.model.lm_head.weight.mul_(-1)
+
+
+class OldStyleHook(CPURunner):
+    def _cache_device_properties(self):
+        self.token_buckets = [8, 16]
+
+
+class SetsLooseState(CPURunner):
+    def capture_model(self):
+        self.decode_buckets = [1, 2]
+
+
+class ReplacesMethod(CPURunner):
+    def load_model(self):
+        self.model = self._build_model()
+        self._forward = lambda step: self.model(step.input_ids, step.positions, [None] * 2, step.md)
 
 
 class ZeroMemory(CpuPlatform):
@@ -80,6 +96,18 @@ class TestWrongTokens(RunnerConformance):
     runner_cls, device = WrongTokens, "cpu"
 
 
+class TestOldStyleHook(RunnerConformance):
+    runner_cls, device = OldStyleHook, "cpu"
+
+
+class TestSetsLooseState(RunnerConformance):
+    runner_cls, device = SetsLooseState, "cpu"
+
+
+class TestReplacesMethod(RunnerConformance):
+    runner_cls, device = ReplacesMethod, "cpu"
+
+
 class TestZeroMemoryPlatform(RunnerConformance):
     runner_cls, platform = CPURunner, ZeroMemory()
 '''
@@ -97,6 +125,10 @@ EXPECTED = {  # test id -> what its failure must say
     "TestAcceleratorOnHostRam::test_kv_sizing_within_a_small_memory_budget":
         "more than half of the host RAM the platform reported free while sizing",
     "TestWrongTokens::test_prefill_then_decode": "prefill then decode: greedy tokens differ from the reference",
+    "TestOldStyleHook::test_prefill_then_decode": "OldStyleHook._cache_device_properties() must return a DevicePlan",
+    "TestSetsLooseState::test_prefill_then_decode": "SetsLooseState.capture_model() set ['decode_buckets']",
+    "TestReplacesMethod::test_prefill_then_decode":
+        "ReplacesMethod.load_model(): the instance attributes ['_forward'] replace methods",
     "TestZeroMemoryPlatform::test_kv_sizing_within_a_small_memory_budget":
         "CPURunner cannot size its KV cache on MemoryBudget(ZeroMemory",
 }

@@ -2,9 +2,10 @@
 torch_xla needed: the runner imports it only in its hooks)."""
 import pytest
 
-from runners.inputs import pad_to as pad
-from runners.inputs import power_of_two_buckets as _buckets
-from runners.tpu import MIN_REQ_BUCKET, MIN_TOKEN_BUCKET, step_shapes
+from runners.plan import pad_to as pad
+from runners.plan import power_of_two_buckets as _buckets
+from runners.plan import step_shapes
+from runners.tpu import MIN_REQ_BUCKET, MIN_TOKEN_BUCKET
 
 pytestmark = pytest.mark.cpu
 

@@ -47,7 +47,7 @@ def test_runner_is_the_compiled_xla_runner(engines) -> None:
     tpu, _ = engines
     r = tpu.runner
     assert type(r) is TPURunner and r.device.type == "xla" and r.attn_backend.name == "xla"
-    assert r.token_buckets == [16, 32] and r.req_buckets == [8]
+    assert r.plan.token_buckets == (16, 32) and r.plan.req_buckets == (8,)
     assert r.kv_caches[0].device.type == "xla"
 
 

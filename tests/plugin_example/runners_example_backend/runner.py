@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-from runners import ModelRunnerBase
+from runners import DevicePlan, ModelRunnerBase
 
 
 class ExampleRunner(ModelRunnerBase):
     """The four hooks; everything else (batching, chunked prefill, prefix caching, sampling) is the base's."""
 
-    def _cache_device_properties(self) -> None:
-        self.example_units = 4
+    def _cache_device_properties(self) -> DevicePlan:
+        return self.default_plan()  # the platform's flags decide (this one has no graphs)
 
     def load_model(self) -> None:
         self.model = self._build_model()
