@@ -40,6 +40,21 @@ def test_piecewise_equals_eager(family, tmp_path_factory):
     assert outs["piecewise"] == outs["eager"]
 
 
+def test_piecewise_over_two_tensor_parallel_ranks(tmp_path_factory):
+    """The all-reduces inside the pieces run eagerly between compiled parts (gloo here)."""
+    model_dir = cached_hf_model("qwen2", tmp_path_factory)
+    prompts = _prompts()[:3]
+    eager = LLM(model=model_dir, **ARGS, enforce_eager=True)
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)]
+    eager.shutdown()
+    tp = LLM(model=model_dir, **ARGS, tensor_parallel_size=2, use_piecewise_graph=True)
+    try:
+        assert "piecewise" in tp.info.plan
+        assert [o.outputs[0].token_ids for o in tp.generate(prompts, GREEDY)] == want
+    finally:
+        tp.shutdown()
+
+
 def test_plan_from_config():
     cfg = dict(device="cpu", num_kv_blocks=8, max_model_len=64)
     plan = CPURunner(EngineConfig(**cfg, use_piecewise_graph=True)).plan
