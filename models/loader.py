@@ -61,6 +61,10 @@ def _open(file: str) -> Iterator[Any]:
 
 def _hf_to_param(model: LlamaForCausalLM, hf_name: str) -> tuple[str, Any]:
     """HF tensor name -> (our parameter name, shard id or None)."""
+    for prefix, ours in getattr(model, "hf_prefixes", {}).items():
+        if hf_name.startswith(prefix):
+            hf_name = ours + hf_name[len(prefix):]
+            break
     for packed, parts in model.packed_modules.items():
         for hf_part, shard_id in parts:
             token = f".{hf_part}."
@@ -191,7 +195,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     gguf = is_gguf(model_dir)
     files = safetensors_files(model_dir) if load_format == "auto" and not gguf else []
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, attn_backend, tp)
+        model = model_class(config)(config, attn_backend, tp)
     if load_format == "dummy":
         init_dummy_weights(model)
     elif gguf:
@@ -199,6 +203,15 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     else:
         load_weights(model, files)
     return model.eval()
+
+
+def model_class(config: ModelConfig) -> type[LlamaForCausalLM]:
+    """The model class of a checkpoint's architecture (the Qwen2-VL family is imported only when used)."""
+    if config.is_multimodal:
+        from models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration
+    return LlamaForCausalLM
 
 
 def load_gguf_weights(model: LlamaForCausalLM, path: str) -> None:
