@@ -69,13 +69,16 @@ class Scheduler:
         self.last_accepted: set[str] = set()  # ids whose tokens the last update appended
         self.num_preemptions = 0
         self.num_finished = 0
-        # Image tokens the vision encoder may take per step (multimodal requests only).
+        # Image tokens the vision encoder may take per step (multimodal requests only); unless set,
+        # max_num_batched_tokens raised to the largest image admitted, so every image fits.
         self.encoder_budget = config.max_num_encoder_input_tokens or config.max_num_batched_tokens
         self._encoder_left = 0
 
     # Requests in and out ---------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         self.check_request(req)
+        if req.mm_inputs and self.config.max_num_encoder_input_tokens is None:
+            self.encoder_budget = max(self.encoder_budget, max(mm.length for mm in req.mm_inputs))
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -86,7 +89,7 @@ class Scheduler:
             raise ValueError(f"request id {rid!r} is already scheduled")
         if req.status is not RequestStatus.WAITING or req.num_computed_tokens or req.output_token_ids:
             raise ValueError(f"request {rid!r} must be new (WAITING, nothing computed), got {req!r}")
-        for mm in req.mm_inputs:
+        for mm in req.mm_inputs if self.config.max_num_encoder_input_tokens else ():
             if mm.length > self.encoder_budget:
                 raise ValueError(f"request {rid!r}: an image of {mm.length} tokens exceeds the encoder budget of "
                                  f"{self.encoder_budget} tokens per step: raise max_num_encoder_input_tokens "

@@ -140,8 +140,9 @@ _MODELS: dict[str, Any] = {}
 
 def _hf_model(model_dir: str) -> Any:
     if model_dir not in _MODELS:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        _MODELS[model_dir] = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        vl = os.path.isfile(os.path.join(model_dir, "preprocessor_config.json"))
+        auto = AutoModelForImageTextToText if vl else AutoModelForCausalLM
+        _MODELS[model_dir] = auto.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     return _MODELS[model_dir]
