@@ -141,7 +141,7 @@ class VisionTransformer(nn.Module):
         self.qwen25 = qwen25
         self.patch = vision.get("patch_size", 14)
         self.temporal = vision.get("temporal_patch_size", 2)
-        self.channels = vision.get("in_channels", 3)
+        self.channels = vision.get("in_channels", vision.get("in_chans", 3))
         self.merge = vision.get("spatial_merge_size", 2)
         self.window = vision.get("window_size", 112) // self.merge // self.patch if qwen25 else 0
         self.full_blocks = set(vision.get("fullatt_block_indexes", ())) if qwen25 else set(range(depth))
