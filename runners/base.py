@@ -241,9 +241,7 @@ class ModelRunnerBase(ABC):
         step = self.inputs.build(req_ids, rows, num_sched)
         if self.mm is not None:  # positions [3, T]; image embeddings for the placeholders scheduled
             computed = self.input_batch.num_computed[rows]
-            step.positions = self.mm.positions(req_ids, rows, computed, num_sched,
-                                               self.buffers.np["positions"][:int(num_sched.sum())],
-                                               step.input_ids.shape[0])
+            step.positions = self.mm.positions(req_ids, rows, computed, num_sched, step.input_ids.shape[0])
             self._execute_encoder(req_ids, computed, num_sched)
             step.mm_embeds = self._gather_encoder_outputs(req_ids, computed, num_sched)
         return step

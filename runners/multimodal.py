@@ -101,13 +101,15 @@ class MultiModalState:
 
     # One step -------------------------------------------------------------------------
     def positions(self, req_ids: list[str], rows: np.ndarray, computed: np.ndarray, num_sched: np.ndarray,
-                  flat: np.ndarray, padded: int) -> torch.Tensor:
-        """``[3, padded]`` positions of a step whose 1-D positions are ``flat``: a prompt token
-        of a request with images at its M-RoPE position, any other token at ``flat + delta``."""
+                  padded: int) -> torch.Tensor:
+        """``[3, padded]`` positions of a step (``num_sched[k]`` tokens after ``computed[k]``): a
+        prompt token of a request with images at its M-RoPE position, any other token at its
+        index + its request's delta; padding at 0."""
+        n = int(num_sched.sum())
+        starts = np.cumsum(num_sched) - num_sched
         out = np.zeros((3, padded), dtype=np.int64)
-        out[:, :len(flat)] = flat + np.repeat(self.row_delta[rows], num_sched)
+        out[:, :n] = np.arange(n) + np.repeat(computed - starts + self.row_delta[rows], num_sched)
         if self.active:
-            starts = np.cumsum(num_sched) - num_sched
             for k, rid in self._scheduled_active(req_ids):
                 pos = self.requests[rid].positions
                 c = int(computed[k])
