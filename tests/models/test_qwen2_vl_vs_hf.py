@@ -155,3 +155,22 @@ def test_preemption_recomputes_images(model_dir):
     outs, logits = generate(llm, names)
     assert llm.scheduler.num_preemptions > 0, "the pool was meant to run dry"
     check(model_dir, names, outs, logits)
+
+
+def test_vision_tower_and_dummy_weights(model_dir):
+    """Our vision transformer equals HF's on two images at once; load_format="dummy" builds the VL model."""
+    from transformers import AutoImageProcessor
+
+    from models.loader import load_model
+    from tests.models.paged import REF_BACKEND
+
+    images = [image(5, 50, 90), image(6, 120, 80)]
+    px = AutoImageProcessor.from_pretrained(model_dir)(images=images, return_tensors="pt")
+    with torch.no_grad():
+        ref = torch.cat(_hf_model(model_dir).model.get_image_features(px["pixel_values"], px["image_grid_thw"])
+                        .pooler_output)
+        ours = load_model(model_dir, torch.float32, torch.device("cpu"), REF_BACKEND).embed_images(
+            px["pixel_values"], [tuple(g) for g in px["image_grid_thw"].tolist()])
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    dummy = load_model(model_dir, torch.float32, torch.device("cpu"), REF_BACKEND, load_format="dummy")
+    assert dummy.embed_images(px["pixel_values"], [(1, 4, 6), (1, 8, 6)]).shape == ref.shape
