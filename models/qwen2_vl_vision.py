@@ -38,15 +38,15 @@ class VisionAttention(nn.Module):
         self.qkv = ColumnParallelLinear(dim, 3 * dim, bias=True)
         self.proj = RowParallelLinear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: list[tuple[torch.Tensor, int]], cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = torch.empty_like(q)
-        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):  # each segment attends to itself only
-            if end > start:
-                seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]
-                out[start:end] = F.scaled_dot_product_attention(*seg).transpose(0, 1)
+        for idx, length in segments:  # each segment attends to itself only; equal lengths in one batch
+            seg = [t[idx].view(-1, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)]
+            out[idx] = F.scaled_dot_product_attention(*seg).transpose(1, 2).reshape(-1, self.num_heads, self.head_dim)
         return self.proj(out.reshape(n, -1))
 
 
@@ -82,8 +82,9 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = VisionMLP(dim, mlp_hidden, gated=qwen25)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x: torch.Tensor, segments: list[tuple[torch.Tensor, int]], cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), segments, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -112,6 +113,18 @@ def patch_positions(grid_thw: list[tuple[int, int, int]], merge: int) -> np.ndar
                        ww.reshape(shape).transpose(0, 2, 1, 3).ravel()], axis=1)
         out.append(np.tile(hw, (t, 1)))
     return np.concatenate(out)
+
+
+def segments(cu_seqlens: list[int], device: torch.device) -> list[tuple[torch.Tensor, int]]:
+    """Attention segments ``[cu[i], cu[i+1])`` grouped by length: (token indices of every segment of
+    that length, the length), so each group is one batched attention call."""
+    cu = np.asarray(cu_seqlens)
+    starts, lengths = cu[:-1], np.diff(cu)
+    out = []
+    for length in np.unique(lengths[lengths > 0]).tolist():
+        idx = (starts[lengths == length][:, None] + np.arange(length)).ravel()
+        out.append((torch.from_numpy(idx).to(device), length))
+    return out
 
 
 def window_index(grid_thw: list[tuple[int, int, int]], merge: int, window: int) -> tuple[np.ndarray, list[int]]:
@@ -166,16 +179,17 @@ class VisionTransformer(nn.Module):
         pos = torch.from_numpy(patch_positions(grid_thw, self.merge)).to(x.device)
         freqs = (pos[..., None].float() * self.inv_freq).flatten(1)  # [N, D/2]: rows' then columns'
         cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
-        cu_full = np.cumsum([0] + [h * w for t, h, w in grid_thw for _ in range(t)]).tolist()
+        full = segments(np.cumsum([0] + [h * w for t, h, w in grid_thw for _ in range(t)]).tolist(), x.device)
         unit = self.merge * self.merge
-        order = None
+        order = windows = None
         if self.qwen25:
             idx, cu_win = window_index(grid_thw, self.merge, self.window)
+            windows = segments(cu_win, x.device)
             order = torch.from_numpy(idx).to(x.device)
             permute = (order[:, None] * unit + torch.arange(unit, device=x.device)).flatten()
             x, cos, sin = x[permute], cos[permute], sin[permute]
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cu_full if i in self.full_blocks else cu_win, cos, sin)
+            x = blk(x, full if i in self.full_blocks else windows, cos, sin)
         merged = self.merger(x)
         if order is not None:
             merged = merged[torch.argsort(order)]
