@@ -39,7 +39,7 @@ def mrope_positions(num_tokens: int, mm_inputs: tuple[MultiModalInput, ...], mer
         cur += max(t, h // merge, w // merge)
         prev = mm.end
     pos[:, prev:] = cur + np.arange(num_tokens - prev)
-    return pos, int(pos[:, -1].max()) + 1 - num_tokens if num_tokens else 0
+    return pos, int(pos.max()) + 1 - num_tokens if num_tokens else 0
 
 
 @dataclass
@@ -58,27 +58,28 @@ class MultiModalState:
         self.active: set[str] = set()  # requests with images whose placeholders are not all computed
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
         self.row_delta = np.zeros(max_num_reqs, dtype=np.int64)  # per persistent row
+        self.rows: dict[str, int] = {}  # the rows of requests with images
 
     # Requests -------------------------------------------------------------------------
     def update(self, so: SchedulerOutput, table: RequestTable) -> None:
         """After the request table applied ``so``: forget finished requests, drop the cache of
         preempted ones, compute new requests' positions, set the rows' decode deltas."""
         for rid in so.finished_req_ids:
-            self._drop_cache(rid)
+            self._left(rid)
             self.requests.pop(rid, None)
-            self.active.discard(rid)
         for rid in so.preempted_req_ids:
-            self._drop_cache(rid)
-        for new in so.scheduled_new_reqs:
-            self._drop_cache(new.req_id)
+            self._left(rid)
+        for new in so.scheduled_new_reqs:  # a known id sent as new replaces the old request
+            self._left(new.req_id)
             self.requests.pop(new.req_id, None)
+        for new in so.scheduled_new_reqs:
             if new.mm_inputs:
                 self.add_request(new)
-            self._admitted(new.req_id, table[new.req_id].row)
+                self._admitted(new.req_id, table[new.req_id].row)
         cached = so.scheduled_cached_reqs
         for rid, resumed in zip(cached.req_ids, cached.resumed_from_preemption):
-            if resumed:
-                self._drop_cache(rid)
+            if resumed and rid in self.requests:
+                self._left(rid)
                 self._admitted(rid, table[rid].row)
 
     def add_request(self, new: NewRequestData) -> None:
@@ -86,18 +87,22 @@ class MultiModalState:
         pos, delta = mrope_positions(len(new.prompt_token_ids), new.mm_inputs, self.merge)
         self.requests[new.req_id] = _Request(tuple(new.mm_inputs), pos, delta)
 
-    def _admitted(self, rid: str, row: int | None) -> None:
-        req = self.requests.get(rid)
-        if row is not None:
-            self.row_delta[row] = req.delta if req is not None else 0
-        if req is not None:
-            self.active.add(rid)
+    def _admitted(self, rid: str, row: int) -> None:
+        """A request with images got ``row``: its delta there (rows of text requests stay 0)."""
+        self.row_delta[row] = self.requests[rid].delta
+        self.rows[rid] = row
+        self.active.add(rid)
 
-    def _drop_cache(self, rid: str) -> None:
+    def _left(self, rid: str) -> None:
+        """A request with images left its row (finished, preempted, replaced): drop its cache."""
         req = self.requests.get(rid)
         if req is not None:
             for i in range(len(req.mm_inputs)):
                 self.cache.pop((rid, i), None)
+        row = self.rows.pop(rid, None)
+        if row is not None:
+            self.row_delta[row] = 0
+        self.active.discard(rid)
 
     # One step -------------------------------------------------------------------------
     def positions(self, req_ids: list[str], rows: np.ndarray, computed: np.ndarray, num_sched: np.ndarray,
