@@ -56,6 +56,7 @@ class ImageInputs:
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
         self._processor: Any = None
+        self._last: tuple = (None, None, None)  # (images, ids, result): the n samples of one prompt
 
     def processor(self) -> Any:
         if self._processor is None:
@@ -67,6 +68,17 @@ class ImageInputs:
         return self._processor
 
     def __call__(self, ids: list[int], mm_data: Any, index: int) -> tuple[list[int], tuple[MultiModalInput, ...]]:
+        if mm_data is not None and mm_data is self._last[0] and ids == self._last[1]:
+            return self._last[2]  # the same prompt again (its next sample): processed once
+        result = self._process(ids, mm_data, index)
+        self._last = (mm_data, ids, result) if result[1] else (None, None, None)
+        return result
+
+    def forget(self) -> None:
+        """Drop the last prompt's result (a new ``generate`` call: its images may have changed)."""
+        self._last = (None, None, None)
+
+    def _process(self, ids: list[int], mm_data: Any, index: int) -> tuple[list[int], tuple[MultiModalInput, ...]]:
         images = images_of(mm_data, index)
         cfg = self.config
         if not cfg.is_multimodal:

@@ -109,7 +109,7 @@ class ModelRunnerBase(ABC):
                                    self.block_size, self.max_model_len, self.max_blocks_per_req)
         self.mm: MultiModalState | None = None  # M-RoPE positions and the encoder cache (VL models only)
         if mc.is_multimodal:
-            self.mm = MultiModalState(mc.vision_config.get("spatial_merge_size", 2), self.max_num_reqs, self.device)
+            self.mm = MultiModalState(mc.vision_config.get("spatial_merge_size", 2), self.max_num_reqs, self.device, pin)
 
     # The four device hooks ----------------------------------------------------------
     @abstractmethod

@@ -52,8 +52,8 @@ class _Request:
 class MultiModalState:
     """Per-request M-RoPE positions and the encoder cache of one runner."""
 
-    def __init__(self, merge: int, max_num_reqs: int, device: torch.device) -> None:
-        self.merge, self.device = merge, device
+    def __init__(self, merge: int, max_num_reqs: int, device: torch.device, pin_memory: bool = False) -> None:
+        self.merge, self.device, self.pin_memory = merge, device, pin_memory
         self.requests: dict[str, _Request] = {}  # requests with images
         self.active: set[str] = set()  # requests with images whose placeholders are not all computed
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
@@ -121,7 +121,7 @@ class MultiModalState:
                 m = min(int(num_sched[k]), pos.shape[1] - c)
                 if m > 0:
                     out[:, starts[k]:starts[k] + m] = pos[:, c:c + m]
-        return torch.from_numpy(out).to(self.device)
+        return self._upload(out)
 
     def execute_encoder(self, model: torch.nn.Module, req_ids: list[str], computed: np.ndarray,
                         num_sched: np.ndarray) -> None:
@@ -135,7 +135,7 @@ class MultiModalState:
                     todo.append(((rid, i), mm_inputs[i]))
         if not todo:
             return
-        pixels = torch.from_numpy(np.concatenate([mm.pixel_values for _, mm in todo])).to(self.device)
+        pixels = self._upload(np.concatenate([mm.pixel_values for _, mm in todo]))
         embeds = model.embed_images(pixels, [mm.grid_thw for _, mm in todo])
         for (key, mm), emb in zip(todo, embeds.split([mm.length for _, mm in todo])):
             self.cache[key] = emb
@@ -163,7 +163,15 @@ class MultiModalState:
                 self.active.discard(rid)
         if not idx:
             return None
-        return torch.from_numpy(np.concatenate(idx)).to(self.device), torch.cat(embeds)
+        return self._upload(np.concatenate(idx)), torch.cat(embeds)
+
+    def _upload(self, a: np.ndarray) -> torch.Tensor:
+        """Host array -> device tensor; through pinned memory where the device has it, so the
+        host does not wait for the device (async scheduling keeps its overlap)."""
+        t = torch.from_numpy(a)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True) if self.pin_memory else t.to(self.device)
 
     def _scheduled_active(self, req_ids: list[str]) -> list[tuple[int, str]]:
         """(batch index, id) of the scheduled requests that still have images to compute."""

@@ -67,3 +67,17 @@ def test_pil_images_and_arrays_give_the_same_result(vl):
     rgba = vl.generate({"prompt_token_ids": ONE, "multi_modal_data": {"image": Image.fromarray(img).convert("RGBA")}},
                        PARAMS)[0]  # converted to RGB, as HF's processor does
     assert rgba.outputs[0].token_ids == as_array.outputs[0].token_ids
+
+
+def test_the_samples_of_an_image_prompt_process_it_once(vl):
+    processor = vl._image_inputs.processor()
+    calls = []
+    vl._image_inputs._processor = lambda **kw: calls.append(1) or processor(**kw)
+    try:
+        prompt = {"prompt_token_ids": ONE, "multi_modal_data": {"image": _image(seed=4)}}
+        out = vl.generate(prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, n=3))[0]
+        assert len(calls) == 1 and len({tuple(o.token_ids) for o in out.outputs}) == 1
+        vl.generate(prompt, PARAMS)
+        assert len(calls) == 2, "a new call processes its images again"
+    finally:
+        vl._image_inputs._processor = processor
