@@ -33,6 +33,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
+    # Image tokens the vision encoder may take per step; None: max_num_batched_tokens.
+    max_num_encoder_input_tokens: int | None = None
     long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
     seed: int = 0
@@ -56,7 +58,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs"):
             _positive(name, getattr(self, name))
-        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes"):
+        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "max_num_encoder_input_tokens"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

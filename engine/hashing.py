@@ -1,8 +1,10 @@
 """Chained block hashes for prefix caching.
 
 Block ``i`` of a request is identified by ``sha256(hash(block i-1) + bytes(tokens of block i))``;
-the chain starts from a root digest that carries the extra keys (today the per-request
-``cache_salt``), so equal blocks behind different prefixes or salts never match.
+the chain starts from a root digest that carries the extra keys (the per-request
+``cache_salt``), so equal blocks behind different prefixes or salts never match. A block that
+holds image placeholder tokens also hashes those images' content hashes: the same text with a
+different image never matches, the same image does.
 A trailing partial block has no hash. Hashes are computed once per block, incrementally,
 and kept on ``Request.block_hashes``.
 """
@@ -68,6 +70,20 @@ def extend_block_hashes(req: Request, block_size: int, num_tokens: int) -> list[
     done = len(hashes)
     if n_full > done:
         parent = hashes[-1] if done else root_hash(req.cache_salt)
-        hashes.extend(hash_blocks(parent, req.all_token_ids[done * block_size:n_full * block_size],
-                                  block_size))
+        if req.mm_inputs:
+            hashes.extend(_hash_mm_blocks(parent, req, done, n_full, block_size))
+        else:
+            hashes.extend(hash_blocks(parent, req.all_token_ids[done * block_size:n_full * block_size],
+                                      block_size))
     return hashes
+
+
+def _hash_mm_blocks(parent: bytes, req: Request, first: int, end: int, block_size: int) -> list[bytes]:
+    """Blocks ``[first, end)`` of a request with images, each keyed by the images it overlaps."""
+    out = []
+    for i in range(first, end):
+        start = i * block_size
+        keys = b"".join(mm.content_hash for mm in req.mm_inputs if mm.offset < start + block_size and mm.end > start)
+        parent = hash_blocks(parent + keys, req.all_token_ids[start:start + block_size], block_size)[0]
+        out.append(parent)
+    return out

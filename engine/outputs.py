@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.multimodal import MultiModalInput
 from engine.sampling_params import SamplingParams
 
 
@@ -15,6 +16,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int  # > 0 on a prefix-cache hit
+    mm_inputs: tuple[MultiModalInput, ...] = ()  # images, by placeholder offset
 
 
 @dataclass

@@ -1,12 +1,15 @@
-"""Prompt types, checked before anything is queued: a prompt is a ``str`` or a sequence of
-integer token ids (Python or numpy integers; not bool, not bytes). Errors name the prompt's index."""
+"""Prompt types, checked before anything is queued: a prompt is a ``str``, a sequence of
+integer token ids (Python or numpy integers; not bool, not bytes), or a dict (vLLM's) with one of
+``"prompt"`` (str) or ``"prompt_token_ids"`` and optionally ``"multi_modal_data"`` (images, checked
+by the entrypoint). Errors name the prompt's index."""
 from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping, Set
 from typing import Any, Union
 
-Prompt = Union[str, list[int]]
+Prompt = Union[str, list[int], dict]
+_DICT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data"}
 _BYTES = (bytes, bytearray, memoryview)
 _ACCEPTED = "a str or a sequence of int token ids"
 
@@ -30,6 +33,8 @@ def normalize_prompts(prompts: Any) -> list[Prompt]:
     """
     if isinstance(prompts, str):
         return [prompts]
+    if isinstance(prompts, Mapping):
+        return [dict_prompt(prompts, 0)]
     if isinstance(prompts, _BYTES):
         raise TypeError(f"prompts: got {type(prompts).__name__}; a prompt is {_ACCEPTED}: decode bytes "
                         f"to str first")
@@ -40,7 +45,24 @@ def normalize_prompts(prompts: Any) -> list[Prompt]:
         prompts = list(prompts)  # an iterator is read once
     if getattr(prompts, "ndim", None) == 1 or _starts_with_scalar(prompts):
         return [token_ids(prompts, 0)]  # one prompt of token ids
-    return [p if isinstance(p, str) else token_ids(p, i) for i, p in enumerate(prompts)]
+    return [p if isinstance(p, str) else dict_prompt(p, i) if isinstance(p, Mapping) else token_ids(p, i)
+            for i, p in enumerate(prompts)]
+
+
+def dict_prompt(prompt: Mapping, index: int) -> dict:
+    """A dict prompt, checked: exactly one of "prompt" (str) / "prompt_token_ids"; token ids normalised."""
+    unknown = sorted(set(prompt) - _DICT_KEYS, key=str)
+    if unknown:
+        raise TypeError(f"prompt {index}: unknown key(s) {unknown}; a dict prompt has {sorted(_DICT_KEYS)}")
+    if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+        raise TypeError(f"prompt {index}: a dict prompt needs exactly one of 'prompt' and 'prompt_token_ids'")
+    out = dict(prompt)
+    if "prompt" in out:
+        if not isinstance(out["prompt"], str):
+            raise TypeError(f"prompt {index}: 'prompt' must be a str, got {type(out['prompt']).__name__}")
+    else:
+        out["prompt_token_ids"] = token_ids(out["prompt_token_ids"], index)
+    return out
 
 
 def token_ids(prompt: Any, index: int) -> list[int]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 
+from engine.multimodal import MultiModalInput
 from engine.sampling_params import SamplingParams
 
 
@@ -30,11 +31,13 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids",
                  "cache_salt", "output_token_ids", "all_token_ids", "num_computed_tokens",
                  "num_cached_tokens", "status", "stop_reason", "arrival", "logprobs",
-                 "num_preemptions", "block_hashes", "prompt_logprobs", "num_output_placeholders")
+                 "num_preemptions", "block_hashes", "prompt_logprobs", "num_output_placeholders",
+                 "mm_inputs")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, eos_token_ids: tuple[int, ...] = (),
-                 arrival: int = 0, cache_salt: str | None = None) -> None:
+                 arrival: int = 0, cache_salt: str | None = None,
+                 mm_inputs: tuple[MultiModalInput, ...] = ()) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
         self.request_id = request_id
@@ -58,6 +61,7 @@ class Request:
         # Tokens scheduled to be sampled whose ids have not arrived yet (async scheduling: the
         # next step computes them; their KV slots are allocated, their ids are still unknown).
         self.num_output_placeholders = 0
+        self.mm_inputs = tuple(mm_inputs)  # images, by placeholder offset (engine/multimodal.py)
 
     @property
     def num_prompt_tokens(self) -> int:

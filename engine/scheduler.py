@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from engine.block_manager import KVBlockManager
 from engine.config import EngineConfig
+from engine.multimodal import fit_encoder_budget
 from engine.outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.request import Request, RequestStatus
 
@@ -68,10 +69,16 @@ class Scheduler:
         self.last_accepted: set[str] = set()  # ids whose tokens the last update appended
         self.num_preemptions = 0
         self.num_finished = 0
+        # Image tokens the vision encoder may take per step (multimodal requests only); unless set,
+        # max_num_batched_tokens raised to the largest image admitted, so every image fits.
+        self.encoder_budget = config.max_num_encoder_input_tokens or config.max_num_batched_tokens
+        self._encoder_left = 0
 
     # Requests in and out ---------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         self.check_request(req)
+        if req.mm_inputs and self.config.max_num_encoder_input_tokens is None:
+            self.encoder_budget = max(self.encoder_budget, max(mm.length for mm in req.mm_inputs))
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -82,6 +89,11 @@ class Scheduler:
             raise ValueError(f"request id {rid!r} is already scheduled")
         if req.status is not RequestStatus.WAITING or req.num_computed_tokens or req.output_token_ids:
             raise ValueError(f"request {rid!r} must be new (WAITING, nothing computed), got {req!r}")
+        for mm in req.mm_inputs if self.config.max_num_encoder_input_tokens else ():
+            if mm.length > self.encoder_budget:
+                raise ValueError(f"request {rid!r}: an image of {mm.length} tokens exceeds the encoder budget of "
+                                 f"{self.encoder_budget} tokens per step: raise max_num_encoder_input_tokens "
+                                 f"(default max_num_batched_tokens) or pass a smaller image")
         n, mml = req.num_prompt_tokens, self.max_model_len
         if n > mml:
             raise ValueError(f"request {rid!r}: the prompt has {n} tokens, more than max_model_len={mml}")
@@ -191,6 +203,7 @@ class Scheduler:
         preempted: set[str] = set()
         allocate = kv.allocate_slots
         add_id, add_blocks, add_computed = c_ids.append, c_blocks.append, c_computed.append
+        self._encoder_left = self.encoder_budget
 
         for req in running:  # preemption pops the tail, which this loop then never reaches
             if budget <= 0:
@@ -204,6 +217,11 @@ class Scheduler:
                 n = cap
             if n > budget:
                 n = budget
+            enc_cost = 0
+            if req.mm_inputs:
+                n, enc_cost = fit_encoder_budget(req.mm_inputs, req.num_computed_tokens, n, False, self._encoder_left)
+                if n == 0:
+                    continue
             new_blocks = allocate(req, n)
             if new_blocks is None:
                 new_blocks = self._preempt_for(req, n, preempted)
@@ -216,6 +234,7 @@ class Scheduler:
             num_scheduled[rid] = n
             req.num_computed_tokens += n
             budget -= n
+            self._encoder_left -= enc_cost
             if req.num_computed_tokens >= req.num_tokens_with_placeholders:
                 req.num_output_placeholders += 1
                 sampling.add(rid)
@@ -250,6 +269,11 @@ class Scheduler:
                 n = cap
             if n > budget:
                 n = budget
+            enc_cost = 0
+            if req.mm_inputs:  # fresh: the runner holds no encoder output of a request it admits
+                n, enc_cost = fit_encoder_budget(req.mm_inputs, num_hit, n, True, self._encoder_left)
+                if n == 0:
+                    break
             if kv.allocate_slots(req, n, hit_blocks) is None:
                 break  # FCFS: nobody overtakes the head of the queue
             waiting.popleft()
@@ -264,11 +288,12 @@ class Scheduler:
                 cached.num_computed_tokens.append(num_hit)
             else:
                 new_reqs.append(NewRequestData(rid, req.prompt_token_ids, req.sampling_params,
-                                               kv.get_block_ids(req), num_hit))
+                                               kv.get_block_ids(req), num_hit, req.mm_inputs))
             req.status = _RUNNING
             req.num_computed_tokens = num_hit + n
             num_scheduled[rid] = n
             budget -= n
+            self._encoder_left -= enc_cost
             if req.num_computed_tokens >= req.num_tokens_with_placeholders:
                 req.num_output_placeholders += 1
                 sampling.add(rid)

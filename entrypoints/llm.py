@@ -19,6 +19,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from entrypoints.llm_frontend import LLMFrontend, OnText, check_params
 from entrypoints.model_files import load_tokenizer
+from entrypoints.multimodal import ImageInputs
 from models.config import ModelConfig
 
 
@@ -87,6 +88,7 @@ class LLM(LLMFrontend):
         self._chat_template = None
         self._logprobs = LogprobsBuilder(self.tokenizer)
         self._warned_truncation = False  # max_tokens cut by max_model_len: reported once per engine
+        self._image_inputs = ImageInputs(self.model_config)  # images -> placeholders, pixels (lazy)
         self._generating = False
 
     @property
@@ -109,7 +111,7 @@ class LLM(LLMFrontend):
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def generate(self, prompts: Sequence[str | Sequence[int]],
+    def generate(self, prompts: Sequence[str | Sequence[int] | dict],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool | None = None, *, on_text: OnText | None = None) -> list[RequestOutput]:
         """Complete every prompt; results come back in input order, one ``RequestOutput`` per
@@ -279,6 +281,9 @@ class LLM(LLMFrontend):
                       request_id: str | None = None) -> Request:
         """Tokenize and check one prompt (errors name its index) and its sampling params."""
         check_params(params, index)
+        mm_data = None
+        if isinstance(prompt, dict):
+            mm_data, prompt = prompt.get("multi_modal_data"), prompt.get("prompt", prompt.get("prompt_token_ids"))
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"prompt {index}: model {self.config.model!r} has no tokenizer.json: "
@@ -292,11 +297,13 @@ class LLM(LLMFrontend):
             raise ValueError(f"prompt {index}: token ids must be in [0, {vocab}) (the vocabulary); got {bad[:5]}")
         if not ids:
             raise ValueError(f"prompt {index} is empty")
+        ids, mm_inputs = self._image_inputs(ids, mm_data, index)
         if len(ids) >= self.config.max_model_len:
             raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len={self.config.max_model_len} "
                              "leaves no room to generate")
         self._warn_if_truncated(params, len(ids), index)
-        req = Request(request_id or f"req-{next(self._ids)}", ids, params, self.model_config.eos_token_ids)
+        req = Request(request_id or f"req-{next(self._ids)}", ids, params, self.model_config.eos_token_ids,
+                      mm_inputs=mm_inputs)
         try:
             self.scheduler.check_request(req)  # e.g. one that can never fit the KV pool
         except ValueError as e:
@@ -317,6 +324,8 @@ class LLM(LLMFrontend):
         plp = None
         if req.prompt_logprobs is not None:
             plp = [None] + [None if e is None else self._logprobs.build(e) for e in req.prompt_logprobs[1:]]
+        if isinstance(prompt, dict):
+            prompt = prompt.get("prompt")
         return RequestOutput(req.request_id, prompt if isinstance(prompt, str) else None,
                              req.prompt_token_ids, [comp], req.status.finished,
                              max(req.num_cached_tokens, 0), metrics, plp)

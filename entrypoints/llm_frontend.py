@@ -71,6 +71,7 @@ class LLMFrontend:
         """(requests, each one's prompt, (request id, n) per prompt): one request per sample, all
         checked before any is queued; sample requests are registered for ``abort`` and ``on_text``."""
         self._samples.clear()  # left from a call whose prompts were refused
+        self._image_inputs.forget()  # images are processed once per prompt of this call
         self._stream_targets.clear()
         requests: list[Request] = []
         per_request: list[str | list[int]] = []

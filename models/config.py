@@ -8,7 +8,9 @@ from typing import Any
 
 from models.gguf import hf_config, is_gguf, open_gguf
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           *VL_ARCHITECTURES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = {"linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -47,7 +49,19 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
+    # Qwen2-VL family: M-RoPE sections (halves of head_dim over temporal/height/width), the
+    # vision tower's raw config, and the special token ids of an image.
+    mrope_section: tuple[int, ...] | None = None
+    vision_config: dict[str, Any] | None = None
+    image_token_id: int | None = None
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
     path: str | None = field(default=None, compare=False)
+
+    @property
+    def is_multimodal(self) -> bool:
+        """Whether the model takes images (a vision encoder, M-RoPE positions)."""
+        return self.vision_config is not None
 
     def check_tensor_parallel(self, tp_size: int) -> None:
         """ValueError unless the model can be split over ``tp_size`` ranks: attention heads and
@@ -97,6 +111,8 @@ class ModelConfig:
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ValueError(f"unsupported architecture {archs!r}{where}; supported: {list(SUPPORTED_ARCHITECTURES)}")
+        if isinstance(raw.get("text_config"), dict):  # transformers 5 nests the LM's fields
+            raw = {**raw, **raw["text_config"], "architectures": archs}
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r}{where} is not supported; supported: ['silu']")
@@ -119,12 +135,14 @@ class ModelConfig:
             head_dim = hidden // heads
         max_pos = req("max_position_embeddings") if "max_position_embeddings" in raw else 2048
         theta, scaling = _parse_rope(raw, max_pos, where)
+        vl = arch in VL_ARCHITECTURES
+        mrope = _mrope_section(raw, head_dim, where) if vl else None
 
-        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen2 = arch in ("Qwen2ForCausalLM", *VL_ARCHITECTURES)
         attn_bias = bool(raw.get("attention_bias", False))
         if arch == "MistralForCausalLM":
             window = raw.get("sliding_window")
-        elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", *VL_ARCHITECTURES):
             window = raw.get("sliding_window") if raw.get("use_sliding_window") else None
         else:
             window = None
@@ -156,6 +174,11 @@ class ModelConfig:
             bos_token_id=bos,
             eos_token_ids=tuple(dict.fromkeys(eos)),
             sliding_window=window,
+            mrope_section=mrope,
+            vision_config=dict(raw["vision_config"]) if vl else None,
+            image_token_id=raw.get("image_token_id") if vl else None,
+            vision_start_token_id=raw.get("vision_start_token_id") if vl else None,
+            vision_end_token_id=raw.get("vision_end_token_id") if vl else None,
             path=path,
         )
 
@@ -177,6 +200,17 @@ def _as_ids(value: Any) -> tuple[int, ...]:
     return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
+def _mrope_section(raw: dict[str, Any], head_dim: int, where: str) -> tuple[int, ...]:
+    """The M-RoPE sections of a Qwen2-VL config; they must add up to half the head dim."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    section = params.get("mrope_section")
+    if not isinstance(raw.get("vision_config"), dict):
+        raise ValueError(f"config{where} of a vision-language model has no vision_config")
+    if not section or len(section) != 3 or sum(section) != head_dim // 2:
+        raise ValueError(f"mrope_section={section!r}{where} must be 3 sections adding up to head_dim/2={head_dim // 2}")
+    return tuple(int(s) for s in section)
+
+
 def _parse_rope(raw: dict[str, Any], max_pos: int, where: str) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, normalised scaling dict or None) from either config format."""
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
@@ -184,6 +218,8 @@ def _parse_rope(raw: dict[str, Any], max_pos: int, where: str) -> tuple[float, d
         raise ValueError(f"per-layer-type rope_parameters{where} are not supported")
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
+    if params.pop("mrope_section", None) is not None and rope_type == "mrope":
+        rope_type = "default"  # M-RoPE is default RoPE over 3 position sections
     theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
     partial = params.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):

@@ -14,6 +14,7 @@ from distributed import TPGroup
 from models.config import ModelConfig
 from models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                            RowParallelLinear, SiluAndMul, VocabParallelEmbedding)
+from models.mrope import MRotaryEmbedding
 from models.rotary import RopeInputs, RotaryEmbedding, apply_rope
 from models.split import TokenwiseSplit
 
@@ -101,12 +102,20 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
-                                          config.rope_theta, config.rope_scaling)
+        if config.mrope_section is not None:
+            self.rotary_emb: RotaryEmbedding = MRotaryEmbedding(
+                config.head_dim, config.max_position_embeddings, config.rope_theta, config.mrope_section,
+                config.rope_scaling)
+        else:
+            self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                              config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor | None], md: AttentionMetadata) -> torch.Tensor:
+                kv_caches: list[torch.Tensor | None], md: AttentionMetadata,
+                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        if mm_embeds is not None:  # (token indices, their embeddings): encoder outputs replace placeholders
+            h = h.index_copy(0, mm_embeds[0], mm_embeds[1].to(h.dtype))
         rope = self.rotary_emb.step_inputs(positions, h)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -135,12 +144,15 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor | None], md: AttentionMetadata) -> torch.Tensor:
-        """``input_ids``/``positions`` ``[T]`` -> final hidden states ``[T, hidden]``;
-        ``kv_caches`` has one entry per layer (None: no cache, every request starts at 0)."""
+                kv_caches: list[torch.Tensor | None], md: AttentionMetadata,
+                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``input_ids`` ``[T]``, ``positions`` ``[T]`` (``[3, T]`` with M-RoPE) -> final hidden
+        states ``[T, hidden]``; ``kv_caches`` has one entry per layer (None: no cache, every
+        request starts at 0); ``mm_embeds``: (indices ``[K]``, ``[K, hidden]``) that replace
+        those tokens' embeddings (image placeholders)."""
         if len(kv_caches) != self.config.num_hidden_layers:
             raise ValueError(f"kv_caches must have {self.config.num_hidden_layers} entries, got {len(kv_caches)}")
-        return self.model(input_ids, positions, kv_caches, md)
+        return self.model(input_ids, positions, kv_caches, md, mm_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[R, hidden] -> [R, vocab]`` in the model's dtype."""

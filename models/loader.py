@@ -61,6 +61,10 @@ def _open(file: str) -> Iterator[Any]:
 
 def _hf_to_param(model: LlamaForCausalLM, hf_name: str) -> tuple[str, Any]:
     """HF tensor name -> (our parameter name, shard id or None)."""
+    for prefix, ours in getattr(model, "hf_prefixes", {}).items():
+        if hf_name.startswith(prefix):
+            hf_name = ours + hf_name[len(prefix):]
+            break
     for packed, parts in model.packed_modules.items():
         for hf_part, shard_id in parts:
             token = f".{hf_part}."
@@ -159,21 +163,44 @@ def load_weights(model: LlamaForCausalLM, files: list[str]) -> None:
                         _copy(params[name], f.get_slice(hf_name), shard_id, hf_name, os.path.basename(file))
 
 
+def model_tensor_shapes(model: LlamaForCausalLM) -> dict[str, tuple[int, ...]]:
+    """``hf_tensor_shapes`` plus a vision tower's tensors (replicated: their full shapes are the
+    parameters'; a packed gate/up projection is two HF tensors)."""
+    shapes = hf_tensor_shapes(model.config)
+    visual = getattr(model, "visual", None)
+    for name, p in visual.named_parameters() if visual is not None else ():
+        if ".gate_up_proj." in name:
+            half = (p.shape[0] // 2, *p.shape[1:])
+            shapes[f"visual.{name.replace('.gate_up_proj.', '.gate_proj.')}"] = half
+            shapes[f"visual.{name.replace('.gate_up_proj.', '.up_proj.')}"] = half
+        else:
+            shapes[f"visual.{name}"] = tuple(p.shape)
+    return shapes
+
+
+_NORMS = ("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")
+
+
+def dummy_tensor(hf_name: str, shape: tuple[int, ...], seed: int, std: float, dtype: torch.dtype,
+                 device: torch.device | str) -> torch.Tensor:
+    """One dummy tensor: drawn from a seed of its name (norm weights are 1)."""
+    full = torch.empty(shape, dtype=dtype, device=device)
+    if hf_name.endswith(_NORMS):
+        return full.fill_(1.0)
+    g = torch.Generator(device=device).manual_seed(seed + zlib.crc32(hf_name.encode()))
+    return full.normal_(0.0, std, generator=g)
+
+
 def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02) -> None:
     """Random weights (``load_format="dummy"``: benchmarks of real shapes, no checkpoint): every
     HF tensor is drawn whole on the parameters' device from a seed of its name (norms are 1) and
     goes through the same weight loaders, so each tensor-parallel size gives the same model."""
     params = dict(model.named_parameters())
-    shapes = hf_tensor_shapes(model.config)
+    shapes = model_tensor_shapes(model)
     with torch.no_grad():
         for hf_name, name, shard_id in _plan(model, shapes):
             p = params[name]
-            full = torch.empty(shapes[hf_name], dtype=p.dtype, device=p.device)
-            if hf_name.endswith("norm.weight"):
-                full.fill_(1.0)
-            else:
-                g = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(hf_name.encode()))
-                full.normal_(0.0, std, generator=g)
+            full = dummy_tensor(hf_name, shapes[hf_name], seed, std, p.dtype, p.device)
             _copy(p, full, shard_id, hf_name, "dummy weights")
             del full
 
@@ -191,7 +218,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     gguf = is_gguf(model_dir)
     files = safetensors_files(model_dir) if load_format == "auto" and not gguf else []
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, attn_backend, tp)
+        model = model_class(config)(config, attn_backend, tp)
     if load_format == "dummy":
         init_dummy_weights(model)
     elif gguf:
@@ -199,6 +226,15 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     else:
         load_weights(model, files)
     return model.eval()
+
+
+def model_class(config: ModelConfig) -> type[LlamaForCausalLM]:
+    """The model class of a checkpoint's architecture (the Qwen2-VL family is imported only when used)."""
+    if config.is_multimodal:
+        from models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration
+    return LlamaForCausalLM
 
 
 def load_gguf_weights(model: LlamaForCausalLM, path: str) -> None:

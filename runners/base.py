@@ -21,6 +21,7 @@ from runners.input_batch import InputBatch
 from runners.graphs import GraphManager
 from runners.inputs import InputBuilder, StepInputs
 from runners.kv_cache import KVCacheSpec, blocks_for_bytes
+from runners.multimodal import MultiModalState
 from runners.plan import DevicePlan, pad_to, plan_from_config
 from runners.prompt_logprobs import prompt_logprobs
 from runners.request_table import RequestTable
@@ -111,6 +112,9 @@ class ModelRunnerBase(ABC):
         self.inputs = InputBuilder(self.buffers, self.input_batch, self.attn_backend, plan,
                                    self.block_size, self.max_model_len, self.max_blocks_per_req)
         self.graphs = GraphManager(plan, self.platform, self.buffers, mc.hidden_size, self.dtype)
+        self.mm: MultiModalState | None = None  # M-RoPE positions and the encoder cache (VL models only)
+        if mc.is_multimodal:
+            self.mm = MultiModalState(mc.vision_config.get("spatial_merge_size", 2), self.max_num_reqs, self.device, pin)
 
     # The four device hooks ----------------------------------------------------------
     @abstractmethod
@@ -140,8 +144,8 @@ class ModelRunnerBase(ABC):
         ``cuda_graph_sizes``, else 1, 2, 4, 8, 16, ... up to the batch limit); piecewise
         graphs where ``use_piecewise_graph`` (captured at ``tokenwise_graph_batch_sizes``
         where graphs run, else the compiled pieces alone); ``enforce_eager`` turns all off."""
-        return dataclasses.replace(plan_from_config(self.config, self.platform, self.attn_backend,
-                                                    self.max_num_reqs, self.max_num_tokens), **changes)
+        return dataclasses.replace(plan_from_config(self.config, self.platform, self.attn_backend, self.max_num_reqs,
+                                                    self.max_num_tokens, self.model_config.is_multimodal), **changes)
 
     # Lifecycle ----------------------------------------------------------------------
     def initialize(self) -> int:
@@ -239,13 +243,40 @@ class ModelRunnerBase(ABC):
     def _update_states(self, so: SchedulerOutput) -> None:
         """Apply finished / preempted / new / cached requests to the persistent batch."""
         self.requests.apply(so)
+        if self.mm is not None:
+            self._calc_mrope_positions(so)
 
     def _prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
         """This step's inputs, in batch order: cached requests, then new ones."""
         req_ids = so.scheduled_cached_reqs.req_ids + [r.req_id for r in so.scheduled_new_reqs]
         nst = so.num_scheduled_tokens
         num_sched = np.fromiter((nst[r] for r in req_ids), dtype=np.int32, count=len(req_ids))
-        return self.inputs.build(req_ids, self.requests.rows(req_ids), num_sched)
+        rows = self.requests.rows(req_ids)
+        step = self.inputs.build(req_ids, rows, num_sched)
+        if self.mm is not None:  # positions [3, T]; image embeddings for the placeholders scheduled
+            computed = self.input_batch.num_computed[rows]
+            if step.md.is_pure_decode and not self.mm.active:  # text tokens only: M-RoPE is plain RoPE
+                self.buffers.np["positions"][:len(rows)] += self.mm.row_delta[rows]  # at index + delta,
+                step.positions = self.buffers.to_device("positions", step.input_ids.shape[0])  # graphs too
+            else:
+                step.positions = self.mm.positions(req_ids, rows, computed, num_sched, step.input_ids.shape[0])
+            self._execute_encoder(req_ids, computed, num_sched)
+            step.mm_embeds = self._gather_encoder_outputs(req_ids, computed, num_sched)
+        return step
+
+    # Multimodal (runners/multimodal.py) --------------------------------------------------
+    def _calc_mrope_positions(self, so: SchedulerOutput) -> None:
+        """Each new request's M-RoPE positions and decode delta, once; drops what ended."""
+        self.mm.update(so, self.requests)
+
+    def _execute_encoder(self, req_ids: list[str], computed: np.ndarray, num_sched: np.ndarray) -> None:
+        """Run the vision encoder, batched, on the images this step's scheduled tokens meet."""
+        self.mm.execute_encoder(self.model, req_ids, computed, num_sched)
+
+    def _gather_encoder_outputs(self, req_ids: list[str], computed: np.ndarray,
+                                num_sched: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached embeddings of exactly this step's placeholder tokens, with their indices."""
+        return self.mm.gather(req_ids, computed, num_sched)
 
     # Dummy runs (profiling, warm-up, graph capture) ------------------------------------
     @_no_grad

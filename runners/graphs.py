@@ -40,6 +40,8 @@ class GraphManager:
             replay = self.full.get(step.input_ids.shape[0])
             if replay is not None:
                 return replay()
+        if step.mm_embeds is not None:  # image embeddings replace placeholder tokens' (eager)
+            return model(step.input_ids, step.positions, kv_caches, step.md, step.mm_embeds)
         if self.plan.use_piecewise_graph:
             return self._pieces(model).forward(step.input_ids, step.positions, kv_caches, step.md)
         return model(step.input_ids, step.positions, kv_caches, step.md)

@@ -30,6 +30,8 @@ class StepInputs:
     req_ids: list[str]
     sample_rows: np.ndarray  # persistent rows that get a token this step, in batch order (+ padding)
     sample_mask: np.ndarray  # per request in batch order: does it sample?
+    # Image embeddings for some of this step's tokens: (token indices, [K, hidden]); None without.
+    mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class InputBuilder:

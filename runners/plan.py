@@ -151,7 +151,7 @@ class DevicePlan:
 
 
 def plan_from_config(cfg: "EngineConfig", platform: "Platform", attn_backend: type["AttentionBackend"],
-                     max_num_reqs: int, max_num_tokens: int) -> DevicePlan:
+                     max_num_reqs: int, max_num_tokens: int, multimodal: bool = False) -> DevicePlan:
     """The default plan (``ModelRunnerBase.default_plan``): full decode graphs where the platform
     and the attention backend support graphs, piecewise graphs where the config asks for them
     (captured where graphs run, else the compiled pieces alone); ``enforce_eager`` turns all off."""
@@ -159,7 +159,9 @@ def plan_from_config(cfg: "EngineConfig", platform: "Platform", attn_backend: ty
     graphs = platform.supports_graphs and attn_backend.supports_graphs and not cfg.enforce_eager
     limit = min(max_num_reqs, max_num_tokens)
     decode = sorted({s for s in cfg.cuda_graph_sizes or default_graph_sizes(limit) if s <= limit}) if graphs else []
-    piecewise = cfg.use_piecewise_graph and not cfg.enforce_eager
+    piecewise = cfg.use_piecewise_graph and not cfg.enforce_eager and not multimodal
+    if cfg.use_piecewise_graph and multimodal:
+        notes.append("use_piecewise_graph is not supported for multimodal models yet (eager instead)")
     tokenwise: list[int] = []
     if piecewise and graphs:
         wanted = cfg.tokenwise_graph_batch_sizes or default_tokenwise_sizes(max_num_tokens)

@@ -30,6 +30,7 @@ from engine.sampling_params import SamplingParams
 from platforms import Platform, resolve_platform
 from runners.base import ModelRunnerBase
 from runners.plan import DevicePlan
+from runners.testing_multimodal import check_multimodal
 from runners.testing_checks import (MIB, MemoryBudget, assert_tokens, check_kv_blocks, check_sized_within,
                                     finish_initialize, load_and_profile, reference_greedy, run_hook)
 
@@ -61,14 +62,17 @@ class StepBuilder:
         return new
 
     def step(self, new: list[tuple[str, list[int], int, int]] = (), cached: list[tuple[str, int, int]] = (),
-             shared: dict[str, list[int]] | None = None, resumed: set[str] = frozenset()) -> SchedulerOutput:
+             shared: dict[str, list[int]] | None = None, resumed: set[str] = frozenset(),
+             images: dict[str, tuple] | None = None) -> SchedulerOutput:
         """new: (id, prompt, num_computed, num_tokens); cached: (id, num_computed, num_tokens).
-        ``shared[id]`` gives a new request's prefix blocks (a cache hit) before its own."""
+        ``shared[id]`` gives a new request's prefix blocks (a cache hit) before its own;
+        ``images[id]`` a new request's ``MultiModalInput``s."""
         news, cd, sched = [], CachedRequestData(), {}
         for rid, prompt, computed, n in new:
             self.blocks[rid] = list((shared or {}).get(rid, []))
             self._grow(rid, computed + n)
-            news.append(NewRequestData(rid, list(prompt), GREEDY, list(self.blocks[rid]), computed))
+            news.append(NewRequestData(rid, list(prompt), GREEDY, list(self.blocks[rid]), computed,
+                                       (images or {}).get(rid, ())))
             self.known.add(rid)
             sched[rid] = n
         for rid, computed, n in cached:
@@ -110,6 +114,7 @@ class RunnerConformance:
     # Does the KV cache live in host RAM (then it may take half of what is free)? None: the
     # runner's device is the CPU. A stand-in for a device with its own memory sets False.
     kv_in_host_memory: ClassVar[bool | None] = None
+    multimodal: ClassVar[bool] = False  # run the image case (runners/testing_multimodal.py)
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -228,6 +233,13 @@ class RunnerConformance:
         assert_tokens("a request on the sized KV cache", live["a"], reference_greedy(model_dir, tuple(p), 4))
 
     # Execution --------------------------------------------------------------------------
+    def test_multimodal_images_in_chunks_and_after_preemption(self) -> None:
+        """Runners that declare ``multimodal = True``: a Qwen2-VL request whose chunks start and
+        end inside its images, beside a text request; then preempted and recomputed."""
+        if not self.multimodal:
+            pytest.skip(f"{self.runner_cls.__name__}'s suite does not declare multimodal = True")
+        check_multimodal(self)
+
     def test_prefill_then_decode(self, runner, steps, model_dir) -> None:
         p = self.prompt(1, 21)
         out = runner.execute_model(steps.step(new=[("a", p, 0, len(p))]))

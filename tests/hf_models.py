@@ -67,6 +67,51 @@ def make_hf_model(family: str, path: str | os.PathLike[str], *, seed: int = 0, *
     return path
 
 
+VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# Token ids of the tiny VL models (inside the 384-token vocabulary).
+VL_TOKENS = dict(image_token_id=380, video_token_id=381, vision_start_token_id=378, vision_end_token_id=379)
+
+
+def make_hf_vl_model(family: str, path: str | os.PathLike[str], *, seed: int = 0) -> str:
+    """Save a tiny random float32 Qwen2-VL (``qwen2_vl``) or Qwen2.5-VL (``qwen2_5_vl``) model and its
+    image processor config (images resized to 4..24 merged tokens). Qwen2.5's windows are 2x2
+    merged tokens, block 0 windowed and block 1 full, so both attention kinds run on small images."""
+    import transformers as tf
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    text = {k: v for k, v in _COMMON.items() if k != "initializer_range"}
+    text.update(max_position_embeddings=1024, rope_parameters={
+        "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+    if family == "qwen2_vl":
+        cls, model_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        cls, model_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
+                      window_size=56, fullatt_block_indexes=[1])
+    else:
+        raise ValueError(f"unknown VL family {family!r}; known: {VL_FAMILIES}")
+    config = cls(text_config=text, vision_config=dict(vision, patch_size=14, spatial_merge_size=2,
+                                                      temporal_patch_size=2, initializer_range=_INIT_STD),
+                 initializer_range=_INIT_STD, **VL_TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config).to(torch.float32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
+                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                elif name.endswith(".bias"):
+                    p.normal_(0.0, _INIT_STD)
+                elif "visual" in name:
+                    p.normal_(0.0, _INIT_STD)
+    path = os.fspath(path)
+    model.save_pretrained(path, safe_serialization=True)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 24, patch_size=14, temporal_patch_size=2,
+                             merge_size=2).save_pretrained(path)
+    return path
+
+
 _CACHE: dict[tuple[str, int], str] = {}
 
 
@@ -74,7 +119,8 @@ def cached_hf_model(family: str, tmp_path_factory: Any, seed: int = 0) -> str:
     """``make_hf_model`` once per (family, seed) per session, under pytest's tmp dir."""
     key = (family, seed)
     if key not in _CACHE:
-        _CACHE[key] = make_hf_model(family, tmp_path_factory.mktemp(f"hf_{family}_{seed}"), seed=seed)
+        make = make_hf_vl_model if family in VL_FAMILIES else make_hf_model
+        _CACHE[key] = make(family, tmp_path_factory.mktemp(f"hf_{family}_{seed}"), seed=seed)
     return _CACHE[key]
 
 
@@ -94,8 +140,9 @@ _MODELS: dict[str, Any] = {}
 
 def _hf_model(model_dir: str) -> Any:
     if model_dir not in _MODELS:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        _MODELS[model_dir] = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        vl = os.path.isfile(os.path.join(model_dir, "preprocessor_config.json"))
+        auto = AutoModelForImageTextToText if vl else AutoModelForCausalLM
+        _MODELS[model_dir] = auto.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     return _MODELS[model_dir]

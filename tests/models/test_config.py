@@ -138,3 +138,21 @@ def test_config_module_does_not_import_torch():
     code = "import sys, models.config; assert 'torch' not in sys.modules, 'torch was imported'"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_vision_language_configs_flat_and_nested(tmp_path, hf_model_factory):
+    from runners.testing_multimodal import VL_CONFIG
+
+    flat = ModelConfig.from_dict(VL_CONFIG)  # the original checkpoints' format: LM fields at the top
+    assert flat.is_multimodal and flat.mrope_section == (2, 3, 3) and flat.rope_scaling is None
+    assert flat.attention_bias and not flat.o_proj_bias and flat.image_token_id == 300
+    assert flat.vision_config["embed_dim"] == 32
+    nested = ModelConfig.from_dir(hf_model_factory("qwen2_5_vl"))  # transformers 5: a text_config
+    assert nested.architecture == "Qwen2_5_VLForConditionalGeneration" and nested.mrope_section == (2, 3, 3)
+    assert (nested.hidden_size, nested.num_hidden_layers, nested.rope_theta) == (64, 2, 1000000.0)
+    assert not ModelConfig.from_dict(BASE).is_multimodal
+    bad = {**VL_CONFIG, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 4]}}
+    with pytest.raises(ValueError, match=r"mrope_section=\[2, 3, 4\] must be 3 sections adding up to head_dim/2=8"):
+        ModelConfig.from_dict(bad)
+    with pytest.raises(ValueError, match="has no vision_config"):
+        ModelConfig.from_dict({k: v for k, v in VL_CONFIG.items() if k != "vision_config"})

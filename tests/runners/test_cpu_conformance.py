@@ -5,3 +5,4 @@ from runners.testing import RunnerConformance
 class TestCPURunner(RunnerConformance):
     runner_cls = CPURunner
     device = "cpu"
+    multimodal = True

@@ -107,3 +107,23 @@ def test_kv_sizing_from_memory_profile():
 def test_cache_too_small_fails_at_start_with_the_figures():
     with pytest.raises(RuntimeError, match="max_model_len=2048.*kv_cache_memory_bytes"):
         LLM(model=None, device="cuda", max_model_len=2048, kv_cache_memory_bytes=2**20)
+
+
+def test_vl_decode_replays_graphs_and_equals_eager(tmp_path_factory):
+    """A Qwen2-VL model: steps with images run eagerly, steady decoding replays the decode graphs
+    (plain positions at index + delta); greedy tokens equal eager's (float32)."""
+    from tests.hf_models import VL_FAMILIES, cached_hf_model
+    from tests.models.test_qwen2_vl_vs_hf import PROMPTS, as_prompt
+
+    model_dir = cached_hf_model(VL_FAMILIES[-1], tmp_path_factory)
+    prompts = [as_prompt(ids, images) for ids, images in PROMPTS.values()]
+    args = dict(model=model_dir, device="cuda", dtype="float32", max_model_len=512, num_kv_blocks=128)
+    graphs = LLM(**args)
+    replays = []
+    for n, replay in graphs.runner.graphs.full.items():
+        replay.graph.replay = (lambda f: lambda: replays.append(1) or f())(replay.graph.replay)
+    a = [o.outputs[0].token_ids for o in graphs.generate(prompts, GREEDY)]
+    assert replays, "decode steps of a VL model replayed graphs"
+    graphs.shutdown()
+    eager = LLM(**args, enforce_eager=True)
+    assert a == [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)]

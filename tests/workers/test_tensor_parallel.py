@@ -59,3 +59,20 @@ def test_a_gguf_file_splits_over_two_ranks(tmp_path_factory):
     gguf = write_gguf(hf_dir, str(tmp_path_factory.mktemp("gguf_tp") / "m.Q8_0.gguf"), "Q8_0")
     one, two = _run(gguf), _run(gguf, tensor_parallel_size=2)
     assert two[:2] == one[:2]
+
+
+def test_a_vision_language_model_splits_its_decoder_over_two_ranks(tmp_path_factory):
+    """Qwen2.5-VL: the decoder is sharded, the vision tower replicated; image inputs cross the
+    process boundary as numpy; 16-token chunks split the image; the second prompt (another image)
+    shares only the text before it."""
+    from tests.models.test_qwen2_vl_vs_hf import IMAGE, image, text
+
+    model_dir = cached_hf_model("qwen2_5_vl", tmp_path_factory)
+    ids = text(1, 9) + IMAGE + text(2, 5)
+    prompts = [{"prompt_token_ids": ids, "multi_modal_data": {"image": [image(1, 120, 80)]}},
+               {"prompt_token_ids": ids, "multi_modal_data": {"image": [image(2, 120, 80)]}}, text(3, 7)]
+    outs = []
+    for tp in (1, 2):
+        with LLM(model=model_dir, **{**SETTINGS, "tensor_parallel_size": tp}) as llm:
+            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)])
+    assert outs[1] == outs[0]

@@ -6,3 +6,4 @@ from runners_example_backend.runner import ExampleRunner
 class TestExampleRunner(RunnerConformance):
     runner_cls = ExampleRunner
     device = "example"
+    multimodal = True  # images run through the base, so a runner on it takes them too
