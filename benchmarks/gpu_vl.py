@@ -39,11 +39,14 @@ TINY = {**QWEN25_VL_7B, "hidden_size": 128, "intermediate_size": 256, "num_hidde
 
 
 def write_checkpoint(path: str, config: dict) -> None:
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    try:  # transformers >= 5.2x names the PIL processor apart; older releases have one class
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Processor
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as Processor
 
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
-    Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2).save_pretrained(path)
+    Processor(patch_size=14, temporal_patch_size=2, merge_size=2).save_pretrained(path)
 
 
 def main() -> None:
@@ -60,7 +63,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(100, 150000, 8).tolist() + image + rng.integers(100, 150000, 16).tolist(),
                 "multi_modal_data": {"image": rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)}}
-               for _ in range(args.requests)]
+               for _ in range(args.requests + 2)]
+    warm, prompts = prompts[-2:], prompts[:-2]  # the warm-up's images are not the measured ones
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     with tempfile.TemporaryDirectory() as d:
         write_checkpoint(d, config)
@@ -79,7 +83,7 @@ def main() -> None:
             return out
 
         model.embed_images = timed
-        llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        llm.generate(warm, SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
         spent[0] = 0.0
         sync()
         t = time.perf_counter()
