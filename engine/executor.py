@@ -15,7 +15,7 @@ The engine only sees this contract:
   handle may be dropped unresolved, e.g. after Ctrl-C; later handles still resolve). With
   async scheduling the engine launches step n+1 before it resolves step n, and every rank
   launches step n+1 before it reads step n's ids back. The default runs the step
-  synchronously (a handle that is already done); the three executors here all overlap;
+  synchronously (a handle that is already done); the executors in ``workers`` all overlap;
 - ``shutdown()`` stops the workers and leaves no process behind; it is idempotent.
 
 A worker that raises or dies makes the call raise ``WorkerError`` naming the rank; the
