@@ -35,6 +35,7 @@ import pickle
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import traceback
 import weakref
@@ -116,6 +117,27 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, init_method: 
                 conn.send((seq, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
         worker.shutdown()
+
+
+def _send_all(conns: list[multiprocessing.connection.Connection], data: bytes) -> None:
+    """Send ``data`` to every rank. Ctrl-C is held until all have it: a step that reached only
+    some ranks (or half a message) would leave the others' collectives waiting for good. (A
+    signal mask would not do: the signal may go to another thread, Python still runs its
+    handler in this one.)"""
+    held: list[object] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None:
+        previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        for conn in conns:
+            conn.send_bytes(data)
+    except OSError:
+        pass  # a dead worker's pipe: its sentinel is reported when a reply is awaited
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+            if held:
+                signal.raise_signal(signal.SIGINT)  # now, to the caller's handler
 
 
 def _stop(procs: list[Any], conns: list[Any], tmp: str) -> None:
@@ -202,12 +224,7 @@ class MultiprocExecutor(Executor):
         if self._dead is not None:
             raise WorkerError(f"the workers are gone ({self._dead}); create a new engine", self._dead.rank)
         self._seq += 1
-        data = pickle.dumps((self._seq, method, args), protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            for conn in self._conns:
-                conn.send_bytes(data)
-        except OSError:
-            pass  # a dead worker's pipe: its sentinel is reported when a reply is awaited
+        _send_all(self._conns, pickle.dumps((self._seq, method, args), protocol=pickle.HIGHEST_PROTOCOL))
         return self._seq
 
     def _step_result(self, seq: int) -> ModelRunnerOutput:

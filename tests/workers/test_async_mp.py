@@ -123,3 +123,24 @@ def test_auto_async_scheduling_is_on_for_cuda_at_any_tensor_parallel_size(platfo
     with mock.patch("workers.get_executor_cls", lambda backend: Reporting):
         llm = LLM(num_kv_blocks=16, max_model_len=64, tensor_parallel_size=tp)
     assert llm.config.async_scheduling is expected and llm.scheduler.async_scheduling is expected
+
+
+def test_ctrl_c_while_a_step_is_being_sent_waits_until_every_rank_has_it(monkeypatch):
+    """A step that reached rank 0 but not rank 1 would leave rank 0's all-reduce waiting for good."""
+    with LLM(async_scheduling=True, **MP, **TINY) as llm:
+        ex, sent = llm.executor, []
+        for rank, conn in enumerate(ex._conns):
+            def send(data, real=conn.send_bytes, rank=rank):
+                real(data)
+                sent.append(rank)
+                if rank == 0:
+                    os.kill(os.getpid(), signal.SIGINT)
+            monkeypatch.setattr(conn, "send_bytes", send)
+        _add(llm, PROMPTS[0])
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ex.execute_model_async(llm.scheduler.schedule())
+        finally:
+            monkeypatch.undo()
+        assert sent == [0, 1]
+        assert ex._call("steps_launched_ahead") == [0, 0]  # both ranks ran the step; neither waits
