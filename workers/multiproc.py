@@ -12,18 +12,19 @@ arrives - the next step, after launching it (so the device already has the next 
 while the host waits for this one's ids), or a ``"collect"`` that ``result()`` sends when
 nothing was sent after the step. Any other message first reads back every launched step, so
 every rank resolves its steps in launch order and the engine never waits for a reply that no
-message will trigger. The worker holds at most one unread step, and it reads one back only
-when nothing is behind it in its pipe (the engine sends the next message only after it has
-the reply it waits for).
+message will trigger. A worker holds at most one unread step; under the engine's one-step-ahead
+loop nothing waits in its pipe while it reads one back (the engine sends its next message only
+after it has that reply).
 
 On accelerators both ends poll their pipes for a few milliseconds before blocking, so
 back-to-back steps do not pay a sleeping process's wake-up (the CPU platform never spins: the
 ranks need the cores). Replies are awaited together with the processes' sentinels, so a worker
 that raises or dies is reported at once, naming its rank, and the executor shuts everything
 down (a half-done collective cannot be resumed). Workers ignore Ctrl-C (the engine's process
-handles it: a reply it stopped waiting for is discarded by sequence number) and are killed
-with their parent (Linux ``PR_SET_PDEATHSIG``); ``shutdown`` - also run at garbage collection
-and interpreter exit, also with a step in flight - leaves no process behind.
+handles it: it is held while a message goes out, so every rank gets it whole; a reply the
+engine stopped waiting for is discarded by sequence number) and are killed with their parent
+(Linux ``PR_SET_PDEATHSIG``); ``shutdown`` - also run at garbage collection and interpreter
+exit, also with a step in flight - leaves no process behind.
 """
 from __future__ import annotations
 
