@@ -255,7 +255,8 @@ class MultiprocExecutor(Executor):
                     self._fail_died(rank, method)
                 if status == "error":  # this call's, or a step's whose only news is this error
                     # a peer's death fails the survivors' collectives: report the death, the cause
-                    dead = multiprocessing.connection.wait(list(by_sentinel), timeout=PEER_DEATH_GRACE_S)
+                    peers = [p for p, r in by_sentinel.items() if r != rank]
+                    dead = multiprocessing.connection.wait(peers, timeout=PEER_DEATH_GRACE_S)
                     if dead:
                         self._fail_died(by_sentinel[dead[0]], method)
                     self._fail(f"worker rank {rank} raised during {method}: {payload}", rank)
