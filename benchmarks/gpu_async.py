@@ -1,6 +1,7 @@
-"""Async scheduling on one GPU: the same workloads with ``async_scheduling`` off and on, in one run.
+"""Async scheduling: the same workloads with ``async_scheduling`` off and on, in one run, on one GPU
+or, with ``--tp N``, on N GPUs of this host (the ``"mp"`` executor: a worker process per rank).
 
-    python benchmarks/gpu_async.py [--attention-backend triton] [--decode-len 512]
+    python benchmarks/gpu_async.py [--attention-backend triton] [--decode-len 512] [--tp 2]
 
 Llama-3-8B shape, random bf16 weights (``load_format="dummy"``). Per mode: bs=1 decode tok/s
 (against the bandwidth roofline), decode-heavy total tok/s, mixed output tok/s and shared-prefix
@@ -23,12 +24,12 @@ from benchmarks.gpu_tp import _bs1, params_of  # noqa: E402
 
 
 def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: dict, bw: float,
-        flops: float) -> dict:
+        flops: float, tp: int = 1) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 2048,
               max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=backend,
-              async_scheduling=async_scheduling)
+              async_scheduling=async_scheduling, tensor_parallel_size=tp)
     res = {"backend": llm.info.attention_backend, "bs1_tps": _bs1(llm)}
     for name, (n_req, plen, olen, shared) in workloads.items():
         llm.scheduler.reset_prefix_cache()
@@ -38,7 +39,7 @@ def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: 
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True), use_tqdm=False)
         dt = time.perf_counter() - t
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-        floor = floor_seconds(LLAMA3_8B, n_req, plen, olen, shared, bw, flops, prefix_cached=shared > 0)
+        floor = floor_seconds(LLAMA3_8B, n_req, plen, olen, shared, bw, flops, prefix_cached=shared > 0, n_gpus=tp)
         res[name] = dict(total_tps=(sum(map(len, prompts)) + n_out) / dt, output_tps=n_out / dt, pct=100 * floor / dt,
                          tokens=[o.outputs[0].token_ids for o in outs[:4]])
         print(f"async={async_scheduling} {name}: {res[name]['total_tps']:,.0f} tok/s total, "
@@ -51,19 +52,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attention-backend", default="triton")
     ap.add_argument("--decode-len", type=int, default=512, help="decode-heavy output length")
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (GPUs of this host)")
     args = ap.parse_args()
     workloads = {"decode-heavy": (128, 32, args.decode_len, 0), "mixed": WORKLOADS["mixed"],
                  "shared-prefix": WORKLOADS["shared-prefix"]}
     bw, flops = measure_roofline()
     gpu = torch.cuda.get_device_name()
-    roof = bw / (params_of(LLAMA3_8B) * 2)
+    roof = args.tp * bw / (params_of(LLAMA3_8B) * 2)
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(LLAMA3_8B, f)
-        res = {mode: run(d, mode, args.attention_backend, workloads, bw, flops) for mode in (False, True)}
+        res = {mode: run(d, mode, args.attention_backend, workloads, bw, flops, args.tp) for mode in (False, True)}
     same = all(res[True][w]["tokens"] == res[False][w]["tokens"] for w in workloads)
-    print(f"\nGPU: {gpu}; copy {bw / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s; backend {res[False]['backend']}; "
-          f"greedy tokens equal in both modes: {same}\n")
+    print(f"\nGPU: {args.tp} x {gpu}; copy {bw / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s per GPU; "
+          f"backend {res[False]['backend']}; greedy tokens equal in both modes: {same}\n")
     print("| async_scheduling | bs=1 tok/s (% of roofline) | decode-heavy total tok/s (% floor) | "
           "mixed out tok/s (% floor) | shared-prefix total tok/s (% floor) |")
     print("|---|---|---|---|---|")

@@ -11,9 +11,11 @@ The engine only sees this contract:
 - ``execute_model(scheduler_output)`` runs one step on every rank and returns rank 0's
   ``ModelRunnerOutput`` (every rank samples the same tokens);
 - ``execute_model_async(scheduler_output)`` launches a step and returns a ``StepHandle``
-  at once; ``handle.result()`` gives the output. Handles are resolved in launch order. With
-  async scheduling the engine launches step n+1 before it resolves step n. The default runs
-  the step synchronously (a handle that is already done);
+  at once; ``handle.result()`` gives the output. Handles are resolved in launch order (a
+  handle may be dropped unresolved, e.g. after Ctrl-C; later handles still resolve). With
+  async scheduling the engine launches step n+1 before it resolves step n, and every rank
+  launches step n+1 before it reads step n's ids back. The default runs the step
+  synchronously (a handle that is already done); the executors in ``workers`` all overlap;
 - ``shutdown()`` stops the workers and leaves no process behind; it is idempotent.
 
 A worker that raises or dies makes the call raise ``WorkerError`` naming the rank; the

@@ -72,7 +72,7 @@ class LLM(LLMFrontend):
             self.executor.shutdown()
             raise
         self.config.max_model_len = self.info.max_model_len
-        if self.config.async_scheduling is None:  # auto: where it was measured to pay and verified
+        if self.config.async_scheduling is None:  # auto: where it was measured to pay (any executor overlaps)
             self.config.async_scheduling = self.info.platform == "cuda"
         self.num_kv_blocks = self.info.num_kv_blocks
         self.tokenizer = load_tokenizer(self.config.model)

@@ -93,6 +93,7 @@ class ModelRunnerBase(ABC):
                                             config.seed, mc.eos_token_ids)
         self.requests = RequestTable(self.input_batch, self.sampling_state)
         self._last_step: RunnerStep | None = None  # the last launched step (its ids may be unread)
+        self.steps_launched_ahead = 0  # steps launched before the previous step's ids were read
         self.sampler = Sampler()
         self.model: torch.nn.Module | None = None  # set by load_model
         self.kv_caches: list[torch.Tensor] = []
@@ -198,7 +199,8 @@ class ModelRunnerBase(ABC):
         if scheduler_output.total_num_scheduled_tokens == 0:
             return DoneStep(ModelRunnerOutput([], []))
         step = self._prepare_inputs(scheduler_output)
-        if self._last_step is not None:
+        if self._last_step is not None and not self._last_step.resolved:
+            self.steps_launched_ahead += 1
             self._last_step.scatter_pending(step)
         hidden = self._forward(step)
         prompt_lp = prompt_logprobs(self, step.req_ids, hidden)  # only where asked (reads back at once)

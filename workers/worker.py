@@ -111,6 +111,10 @@ class Worker:
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         return self.runner.execute_model_async(scheduler_output)
 
+    def steps_launched_ahead(self) -> int:
+        """How many steps the runner launched before the previous step's ids were read back."""
+        return self.runner.steps_launched_ahead
+
     def shutdown(self) -> None:
         """Leave the process group and free the runner's device memory (idempotent)."""
         if self._dist and torch.distributed.is_initialized():

@@ -34,6 +34,13 @@ SETTINGS = {
 }
 
 
+def steps_launched_ahead(llm: LLM) -> list[int]:
+    """Per rank: steps its runner launched before the previous step's ids were read back."""
+    if llm.config.executor_backend == "mp":
+        return llm.executor._call("steps_launched_ahead")
+    return [llm.runner.steps_launched_ahead]
+
+
 def _run(async_scheduling: bool, **args):
     args = {"device": "cpu", **args}
     with LLM(max_model_len=256, async_scheduling=async_scheduling, **args) as llm:
@@ -41,15 +48,19 @@ def _run(async_scheduling: bool, **args):
         again = llm.generate(PROMPTS[:3], _params()[:3], use_tqdm=False)  # prefix hits, a second call
         stats = llm.scheduler.stats()
         assert llm.scheduler.kv.num_free_blocks == llm.num_kv_blocks - 1, "every block came back"
-        assert not llm.runner.requests and llm.runner.input_batch.num_active == 0
+        if llm.config.executor_backend != "mp":
+            assert not llm.runner.requests and llm.runner.input_batch.num_active == 0
+        ahead = steps_launched_ahead(llm)
+    # ordering, not timing: step n+1 was launched on every rank before step n's ids were read
+    assert len(set(ahead)) == 1 and (ahead[0] > 0) == async_scheduling, ahead
     return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason, o.outputs[0].stop_reason,
              o.outputs[0].logprobs) for o in outs + again], stats
 
 
-@pytest.mark.parametrize("name", SETTINGS)
-def test_async_equals_sync(name):
-    sync, s_stats = _run(False, **SETTINGS[name])
-    asyn, a_stats = _run(True, **SETTINGS[name])
+def check_async_equals_sync(name: str, **args) -> None:
+    """Both modes over ``SETTINGS[name]`` (and ``args``): the same tokens, texts, reasons, logprobs."""
+    sync, s_stats = _run(False, **SETTINGS[name], **args)
+    asyn, a_stats = _run(True, **SETTINGS[name], **args)
     for i, (a, b) in enumerate(zip(asyn, sync)):
         assert a[:4] == b[:4], f"request {i} differs under async scheduling:\n async {a[:4]}\n sync  {b[:4]}"
         # logprobs: the same tokens and ranks; values to float32 rounding (a step's batch may hold
@@ -62,6 +73,11 @@ def test_async_equals_sync(name):
     assert {"stop", "length"} <= reasons, reasons  # stop strings/tokens and max_tokens both happened
     if name == "tiny pool (preemption)":
         assert a_stats.num_preemptions > 0 and s_stats.num_preemptions > 0
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_async_equals_sync(name):
+    check_async_equals_sync(name)
 
 
 @pytest.mark.gpu

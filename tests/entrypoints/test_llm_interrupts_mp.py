@@ -1,6 +1,7 @@
-"""Ctrl-C and a dead worker with the multiprocess executor: the engine process is interrupted
-while it waits for the worker; the worker's late reply is discarded and the abort reaches it.
-A worker that dies is a WorkerError, and nothing more is sent to the dead executor."""
+"""Ctrl-C and a dead worker with the multiprocess executor, with synchronous and async scheduling:
+the engine process is interrupted while it waits for the worker; the worker's late reply is
+discarded and the abort reaches it. A worker that dies is a WorkerError, and nothing more is
+sent to the dead executor."""
 from __future__ import annotations
 
 import os
@@ -20,9 +21,9 @@ PROMPTS = [[(7 * i + j) % 256 for j in range(200)] for i in range(3)]  # prefill
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def mp_llm():
-    llm = LLM(distributed_executor_backend="mp", **ENGINE)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def mp_llm(request):
+    llm = LLM(distributed_executor_backend="mp", async_scheduling=request.param, **ENGINE)
     yield llm
     llm.shutdown()
 
@@ -32,14 +33,16 @@ def _tokens(outs) -> list[list[int]]:
 
 
 def _spy(monkeypatch, llm, at_call: int, action) -> None:
-    real, n = llm.executor.execute_model, [0]
+    """``action()`` as the engine sends its ``at_call``-th step."""
+    name = "execute_model_async" if llm.config.async_scheduling else "execute_model"
+    real, n = getattr(llm.executor, name), [0]
 
     def execute(so):
         n[0] += 1
         if n[0] == at_call:
             action()
         return real(so)
-    monkeypatch.setattr(llm.executor, "execute_model", execute)
+    monkeypatch.setattr(llm.executor, name, execute)
 
 
 def test_ctrl_c_while_waiting_for_the_worker(mp_llm, monkeypatch):

@@ -42,6 +42,7 @@ def reference():
 
 def test_shutdown_leaves_no_process(reference):
     llm = LLM(tensor_parallel_size=2, **TINY)
+    assert llm.config.async_scheduling is False, "auto: off on the CPU"
     pids = llm.executor.pids
     assert set(pids) <= _children() and len(pids) == 2
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == reference
@@ -145,19 +146,22 @@ import json, os, sys
 sys.path.insert(0, {root!r})
 from engine import LLM, SamplingParams
 
-llm = LLM(tensor_parallel_size=2, distributed_executor_backend="external_launcher", **{tiny!r})
+llm = LLM(tensor_parallel_size=2, distributed_executor_backend="external_launcher", async_scheduling={mode!r},
+          **{tiny!r})
 outs = llm.generate({prompts!r}, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
 spec = llm.runner.kv_cache_spec
 with open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
     json.dump({{"tokens": [o.outputs[0].token_ids for o in outs], "kv_heads": spec.num_kv_heads,
-               "blocks": llm.num_kv_blocks}}, f)
+               "blocks": llm.num_kv_blocks, "ahead": llm.runner.steps_launched_ahead}}, f)
 llm.shutdown()
 """
 
 
-def test_torchrun_external_launcher(tmp_path, reference):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_torchrun_external_launcher(tmp_path, reference, async_scheduling):
     script = tmp_path / "torchrun_script.py"
-    script.write_text(TORCHRUN_SCRIPT.format(root=ROOT, tiny=TINY, prompts=PROMPTS, out=str(tmp_path)))
+    script.write_text(TORCHRUN_SCRIPT.format(root=ROOT, tiny=TINY, prompts=PROMPTS, out=str(tmp_path),
+                                             mode=async_scheduling))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -166,3 +170,25 @@ def test_torchrun_external_launcher(tmp_path, reference):
         assert got["tokens"] == reference, "every rank returns the outputs of one rank"
         assert got["kv_heads"] == 1, "2 KV heads split over 2 ranks"
         assert got["blocks"] == TINY["num_kv_blocks"]
+        # async: each rank's runner launched steps before reading the previous one back
+        assert (got["ahead"] > 0) == async_scheduling, got["ahead"]
+
+
+def test_external_launcher_names_its_rank_when_an_async_step_fails(monkeypatch):
+    """One torchrun rank (world size 1, so no process group) in this process: the runner's own
+    async handles, a failed launch a WorkerError naming the rank."""
+    from engine.config import EngineConfig
+    from engine.outputs import CachedRequestData, SchedulerOutput
+    from workers.external import ExternalLauncherExecutor
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    ex = ExternalLauncherExecutor(EngineConfig.from_kwargs(distributed_executor_backend="external_launcher", **TINY))
+    try:
+        ex.initialize()
+        bad = SchedulerOutput([], CachedRequestData(["nobody"], [False], [[]], [0]), {"nobody": 1}, 1)
+        with pytest.raises(WorkerError, match="rank 0 failed: KeyError: 'nobody'") as e:
+            ex.execute_model_async(bad)
+        assert e.value.rank == 0
+    finally:
+        ex.shutdown()

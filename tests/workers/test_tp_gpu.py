@@ -1,5 +1,6 @@
 """Tensor parallelism on two GPUs: CUDA graphs capture the all-reduces (NCCL, or symmetric memory
-for small messages when enabled) and TP=2 gives TP=1's tokens."""
+for small messages when enabled) and TP=2 gives TP=1's tokens, with async scheduling (auto on
+CUDA) overlapping steps in the worker processes."""
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ def test_two_gpus_match_one_with_graphs(dtype, symm_mem, monkeypatch):
         assert two.info.num_graphs > 0, "decode graphs (with their all-reduces) were captured"
         assert two.info.all_reduce == ("SymmMemAllReduce up to 8 MiB, then nccl" if symm_mem else "nccl")
         got = two.generate(prompts, params, use_tqdm=False)
+        assert two.config.async_scheduling and min(two.executor._call("steps_launched_ahead")) > 0
     tokens = [o.outputs[0].token_ids for o in got]
     if dtype == "float32":
         assert tokens == [o.outputs[0].token_ids for o in ref]
