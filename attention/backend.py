@@ -45,6 +45,23 @@ class AttentionBackend(ABC):
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``."""
 
+    # Optional halves of ``forward``, for backends that a composite (attention.composite) may
+    # combine: it writes a step's K/V once, then lets each backend attend over part of the step.
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """Store k/v ``[T, Hkv, D]`` at ``slot_mapping``; slot -1 (padding) is never read back."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its KV write from attention")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+        """``forward`` without the KV write: the new tokens' K/V are already in the cache."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its KV write from attention")
+
+    @classmethod
+    def splits_kv_write(cls) -> bool:
+        """Whether ``write_kv`` and ``attend`` are implemented."""
+        return cls.attend is not AttentionBackend.attend and cls.write_kv is not AttentionBackend.write_kv
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         return self.forward(q, k, v, kv_cache, md)

@@ -1,0 +1,185 @@
+"""Per-step kernel choice: a decode kernel and a prefill kernel behind the one metadata contract.
+
+``prepare`` (once per step, host ints only) picks the step's route from the measured crossovers
+(``attention.crossovers``): the whole step on the decode kernel, the whole step on the prefill
+kernel, or a split - decode rows (query length 1) to the decode kernel and prefill rows to the
+prefill kernel. Both read the one paged KV cache layout; in a split the composite writes the
+step's K/V once (the decode backend's ``write_kv``) and each backend only ``attend``s.
+
+Rows are in batch order (cached requests, then new ones), so the decode rows need not be
+contiguous: each group gets its own metadata, with row and token indices uploaded once per step
+(pinned, non-blocking) - or plain slices when the group's rows are contiguous, the usual case.
+Pure-decode steps (the ones runners capture as graphs) always take the decode route on the
+step's own metadata tensors, so ``supports_graphs`` is the decode backend's.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from attention.backend import AttentionBackend
+from attention.crossovers import (Crossover, Route, StepShape, choose_route, crossover_for,
+                                  family_key)
+from attention.flash_attn import FlashAttentionBackend
+from attention.metadata import AttentionMetadata
+from attention.triton_attn import TritonAttentionBackend
+
+Index = slice | torch.Tensor
+
+
+@dataclass
+class Group:
+    """One kernel's share of a split step: its token rows in the step and its own metadata."""
+
+    tokens: Index
+    md: AttentionMetadata
+
+
+@dataclass
+class StepPlan:
+    route: Route
+    whole: AttentionMetadata | None = None  # decode/prefill routes: the step's md, prepared
+    decode: Group | None = None  # split route
+    prefill: Group | None = None
+    num_actual_tokens: int = 0
+
+
+def _upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """One host-to-device copy (pinned, non-blocking) of several int arrays, as int64 views."""
+    flat = torch.from_numpy(np.concatenate(arrays).astype(np.int64))
+    if device.type != "cpu":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return list(torch.split(flat, [len(a) for a in arrays]))
+
+
+def _group(md: AttentionMetadata, rows: np.ndarray, q_lens: np.ndarray) -> tuple[Index, Index, np.ndarray,
+                                                                                    np.ndarray | None]:
+    """(row index, token index, sub query_start_loc, token indices to upload or None)."""
+    lens = q_lens[rows]
+    qsl = np.zeros(len(rows) + 1, np.int32)
+    np.cumsum(lens, out=qsl[1:])
+    first = int(md.query_start_loc_cpu[rows[0]])
+    if rows[-1] - rows[0] + 1 == len(rows):  # contiguous rows own contiguous tokens
+        return slice(int(rows[0]), int(rows[-1]) + 1), slice(first, first + int(qsl[-1])), qsl, None
+    starts = md.query_start_loc_cpu[rows].astype(np.int64)
+    tokens = np.repeat(starts - qsl[:-1], lens) + np.arange(int(qsl[-1]))
+    return rows, tokens, qsl, tokens
+
+
+def _sub_metadata(md: AttentionMetadata, rows: Index, tokens: Index, qsl_dev: torch.Tensor,
+                  qsl: np.ndarray, rows_cpu: np.ndarray) -> AttentionMetadata:
+    seq_lens_cpu = md.seq_lens_cpu[rows_cpu].copy()
+    return AttentionMetadata(
+        query_start_loc=qsl_dev, seq_lens=md.seq_lens[rows], block_table=md.block_table[rows],
+        slot_mapping=md.slot_mapping[tokens], max_query_len=int(np.diff(qsl).max()),
+        max_seq_len=int(seq_lens_cpu.max()), num_actual_tokens=int(qsl[-1]), num_reqs=len(rows_cpu),
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens_cpu)
+
+
+class CompositeAttentionBackend(AttentionBackend):
+    """A decode backend and a prefill backend per layer, routed per step (module docstring).
+
+    Subclasses set ``decode_cls`` and ``prefill_cls`` (both must implement ``write_kv`` and
+    ``attend``); ``composite_backend`` makes one. ``crossover`` fixes the thresholds (None:
+    the table's entry for the device), ``route_override`` forces a route (tests, benchmarks;
+    a split with one group empty runs that group's kernel alone).
+    """
+
+    decode_cls: ClassVar[type[AttentionBackend]]
+    prefill_cls: ClassVar[type[AttentionBackend]]
+    crossover: ClassVar[Crossover | None] = None
+    route_override: ClassVar[Route | None] = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if hasattr(cls, "decode_cls"):
+            cls.supports_graphs = cls.decode_cls.supports_graphs  # graphs are pure-decode steps
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+        self.decode_attn = self.decode_cls(num_heads, num_kv_heads, head_dim, scale)
+        self.prefill_attn = self.prefill_cls(num_heads, num_kv_heads, head_dim, scale)
+
+    @classmethod
+    def unsupported_reason(cls, device_type: str, dtype: torch.dtype, head_dim: int,
+                           block_size: int) -> str | None:
+        for role, sub in (("decode", cls.decode_cls), ("prefill", cls.prefill_cls)):
+            reason = sub.unsupported_reason(device_type, dtype, head_dim, block_size)
+            if reason:
+                return f"its {role} backend {sub.name!r} cannot run: {reason}"
+            if not sub.splits_kv_write():
+                return f"its {role} backend {sub.name!r} does not implement write_kv/attend"
+        return None
+
+    @classmethod
+    def crossover_here(cls, device: torch.device) -> Crossover:
+        return cls.crossover or crossover_for(family_key(device), cls.decode_cls.name, cls.prefill_cls.name)
+
+    @classmethod
+    def step_shape(cls, md: AttentionMetadata) -> tuple[StepShape, np.ndarray]:
+        q_lens = np.diff(md.query_start_loc_cpu[:md.num_reqs + 1])
+        pre = q_lens >= 2
+        return StepShape(int((q_lens == 1).sum()), int(q_lens[pre].sum()), int(pre.sum())), q_lens
+
+    @classmethod
+    def prepare(cls, md: AttentionMetadata) -> AttentionMetadata:
+        shape, q_lens = cls.step_shape(md)
+        route = cls.route_override or choose_route(shape, cls.crossover_here(md.seq_lens.device))
+        if route == "split" and not (shape.decode_tokens and shape.prefill_tokens):
+            route = "prefill" if shape.prefill_tokens else "decode"
+        if route != "split":
+            sub = cls.decode_cls if route == "decode" else cls.prefill_cls
+            return dataclasses.replace(md, extra=StepPlan(route, whole=sub.prepare(
+                dataclasses.replace(md, extra=None))))
+        dec_rows = np.flatnonzero(q_lens == 1)
+        pre_rows = np.flatnonzero(q_lens >= 2)
+        dec, pre = _group(md, dec_rows, q_lens), _group(md, pre_rows, q_lens)
+        uploads = [dec[2], pre[2]] + [a for g in (dec, pre) if g[3] is not None for a in (g[0], g[3])]
+        tensors = iter(_upload(uploads, md.seq_lens.device))
+        qsl_dev = [next(tensors).to(torch.int32), next(tensors).to(torch.int32)]
+        groups = []
+        for (rows, tokens, qsl, upload), rows_cpu, sub_cls, q in zip(
+                (dec, pre), (dec_rows, pre_rows), (cls.decode_cls, cls.prefill_cls), qsl_dev):
+            if upload is not None:
+                rows, tokens = next(tensors), next(tensors)
+            groups.append(Group(tokens, sub_cls.prepare(_sub_metadata(md, rows, tokens, q, qsl, rows_cpu))))
+        return dataclasses.replace(md, extra=StepPlan("split", decode=groups[0], prefill=groups[1],
+                                                      num_actual_tokens=md.num_actual_tokens))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+        plan = md.extra
+        if not isinstance(plan, StepPlan):  # metadata not prepared for this backend (per call: slow)
+            plan = type(self).prepare(md).extra
+        if plan.route == "decode":
+            return self.decode_attn(q, k, v, kv_cache, plan.whole)
+        if plan.route == "prefill":
+            return self.prefill_attn(q, k, v, kv_cache, plan.whole)
+        if kv_cache is not None:
+            self.decode_attn.write_kv(k, v, kv_cache, md.slot_mapping)  # once, for both groups
+        out = torch.empty_like(q)
+        for attn, g in ((self.decode_attn, plan.decode), (self.prefill_attn, plan.prefill)):
+            out[g.tokens] = attn.attend(q[g.tokens], k[g.tokens], v[g.tokens], kv_cache, g.md)
+        out[plan.num_actual_tokens:] = 0  # padding rows, as every backend leaves them
+        return out
+
+
+def composite_backend(decode: type[AttentionBackend], prefill: type[AttentionBackend],
+                      name: str | None = None) -> type[CompositeAttentionBackend]:
+    """A composite of two backend classes (e.g. for tests: Triton decode + torch prefill)."""
+    return type(f"Composite_{decode.name}_{prefill.name}", (CompositeAttentionBackend,),
+                {"name": name or f"{decode.name}+{prefill.name}", "decode_cls": decode,
+                 "prefill_cls": prefill})
+
+
+class AutoAttentionBackend(CompositeAttentionBackend):
+    """The CUDA default when both import: Triton split-KV for decode rows, flash-attn for
+    prefill rows, each step routed by the GPU family's crossovers."""
+
+    name = "auto"
+    decode_cls = TritonAttentionBackend
+    prefill_cls = FlashAttentionBackend
