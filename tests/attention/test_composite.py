@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
     TritonAttentionBackend.unsupported_reason("cpu", torch.float32, 64, 16) is not None,
     reason=str(TritonAttentionBackend.unsupported_reason("cpu", torch.float32, 64, 16)))
 
-Composite = composite_backend(TritonAttentionBackend, TorchAttentionBackend)
+from tests.attention.composite_backends import TritonTorchComposite as Composite  # noqa: E402
 SCALE = 0.125
 # decodes and prefill chunks interleaved in batch order; prefills over cached prefixes
 INTERLEAVED = ([1, 6, 1, 19, 1, 3, 1], [37, 0, 5, 26, 70, 12, 0])
