@@ -103,6 +103,7 @@ class CompositeAttentionBackend(AttentionBackend):
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         self.decode_attn = self.decode_cls(num_heads, num_kv_heads, head_dim, scale)
         self.prefill_attn = self.prefill_cls(num_heads, num_kv_heads, head_dim, scale)
+        self._prefill_warm = False
 
     @classmethod
     def unsupported_reason(cls, device_type: str, dtype: torch.dtype, head_dim: int,
@@ -155,6 +156,8 @@ class CompositeAttentionBackend(AttentionBackend):
         plan = md.extra
         if not isinstance(plan, StepPlan):  # metadata not prepared for this backend (per call: slow)
             plan = type(self).prepare(md).extra
+        if kv_cache is not None and not self._prefill_warm:
+            self._warm_up_prefill(q, kv_cache)
         if plan.route == "decode":
             return self.decode_attn(q, k, v, kv_cache, plan.whole)
         if plan.route == "prefill":
@@ -166,6 +169,22 @@ class CompositeAttentionBackend(AttentionBackend):
             out[g.tokens] = attn.attend(q[g.tokens], k[g.tokens], v[g.tokens], kv_cache, g.md)
         out[plan.num_actual_tokens:] = 0  # padding rows, as every backend leaves them
         return out
+
+    def _warm_up_prefill(self, q: torch.Tensor, kv_cache: torch.Tensor) -> None:
+        """Run the prefill kernel once on a dummy 128-token request over the null block (output
+        dropped) at the first forward with a cache - a warm-up or graph-capture dummy step: a
+        kernel compiled on first use (flash-attn-4 JIT-compiles its paged variant) would
+        otherwise stall the first real step routed to it, which may come long after start-up."""
+        self._prefill_warm = True
+        n, dev = 128, q.device
+        qsl, lens = np.array([0, n], np.int32), np.array([n], np.int32)
+        md = AttentionMetadata(
+            torch.from_numpy(qsl).to(dev), torch.from_numpy(lens).to(dev),
+            torch.zeros(1, -(-n // kv_cache.shape[2]), dtype=torch.int32, device=dev),
+            torch.full((n,), -1, dtype=torch.int64, device=dev), n, n, n, 1, qsl, lens)
+        kv = q.new_zeros(n, self.num_kv_heads, self.head_dim)
+        self.prefill_attn.attend(q.new_zeros(n, self.num_heads, self.head_dim), kv, kv, kv_cache,
+                                 self.prefill_cls.prepare(md))
 
 
 def composite_backend(decode: type[AttentionBackend], prefill: type[AttentionBackend],
