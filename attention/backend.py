@@ -19,7 +19,9 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str]
-    supports_graphs: ClassVar[bool] = False  # forward + prepare safe to capture in a graph
+    # forward of a prepared pure-decode step safe to capture in a graph and replay with other
+    # lengths in the same tensors (runners capture only pure-decode steps)
+    supports_graphs: ClassVar[bool] = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         if num_heads % num_kv_heads:
