@@ -76,6 +76,16 @@ def grid(quick: bool) -> dict[str, list[tuple[str, list[int], list[int]]]]:
     return {"prefill": prefill, "mixed": mixed, "decode": decode}
 
 
+def _flash_version() -> str:
+    from importlib import metadata
+    for dist in ("flash-attn-4", "flash-attn", "flash_attn"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "?"
+
+
 def shape_of(q_lens: list[int]) -> StepShape:
     pre = [q for q in q_lens if q >= 2]
     return StepShape(q_lens.count(1), sum(pre), len(pre))
@@ -91,9 +101,10 @@ def main() -> None:
     reason = AutoAttentionBackend.unsupported_reason("cuda", torch.bfloat16, D, args.block_size)
     if reason:
         sys.exit(f"the auto backend cannot run here: {reason}")
-    import flash_attn
     import triton
     family = family_key(torch.device("cuda"))
+    if family is None:
+        sys.exit("the GPU's compute capability is unknown (triton's driver did not say): no table key")
     gpu = torch.cuda.get_device_name()
     t0 = time.time()
     lines = [f"# Attention crossovers on {gpu} ({family}), block size {args.block_size}", "",
@@ -118,8 +129,7 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     source = (f"kernel timings: benchmarks/gpu_attention_crossover.py{' --quick' if args.quick else ''} "
               f"on {gpu}, {date}, block {args.block_size}, Llama-3-8B attention shape bf16; torch "
-              f"{torch.__version__}, triton {triton.__version__}, flash-attn "
-              f"{getattr(flash_attn, '__version__', '?')}")
+              f"{torch.__version__}, triton {triton.__version__}, flash-attn {_flash_version()}")
     xo = fit_crossover(cases, source)
     hits = sum(choose_route(s, xo) == min(t, key=t.get) for s, t in cases)
     slow = max(t[choose_route(s, xo)] / min(t.values()) for s, t in cases)
@@ -131,7 +141,7 @@ def main() -> None:
     table[family] = dict(decode="triton", prefill="flash", prefill_min_query_len=xo.prefill_min_query_len,
                          split_min_decode_tokens=xo.split_min_decode_tokens, source=source)
     text = json.dumps(table, indent=2) + "\n"
-    lines += [f"New table (copy $OUT/crossovers.json to attention/crossovers.json):", "", "```json",
+    lines += ["New table (copy $OUT/crossovers.json to attention/crossovers.json):", "", "```json",
               text.rstrip(), "```", "", f"Total {time.time() - t0:.0f}s."]
     print("\n".join(lines))
     out = os.environ.get("OUT")
