@@ -22,6 +22,8 @@ SCALE = 0.125
 INTERLEAVED = ([1, 6, 1, 19, 1, 3, 1], [37, 0, 5, 26, 70, 12, 0])
 # the usual order: cached decodes first, then a chunk continuation and new prompts
 DECODES_FIRST = ([1, 1, 1, 9, 17], [40, 3, 64, 16, 0])
+# contiguous decodes between prefill rows (one group a slice, the other gathered)
+PREFILLS_AROUND = ([5, 1, 1, 7], [10, 20, 33, 0])
 
 
 def _variant(**attrs):
@@ -34,7 +36,7 @@ def _run(cls, b, cache=None):
     return cls(8, 2, 64, SCALE)(b.q, b.k, b.v, cache, md), cache, md.extra
 
 
-@pytest.mark.parametrize("layout", [INTERLEAVED, DECODES_FIRST])
+@pytest.mark.parametrize("layout", [INTERLEAVED, DECODES_FIRST, PREFILLS_AROUND])
 @pytest.mark.parametrize("route", ["split", "decode", "prefill", None])
 def test_every_route_equals_each_single_backend(layout, route) -> None:
     b = make_batch(*layout, pad_reqs=2, pad_tokens=3, seed=len(layout[0]))
@@ -63,6 +65,8 @@ def test_groups_are_slices_when_contiguous_and_gathers_otherwise() -> None:
     assert plan.decode.tokens.tolist() == [0, 7, 27, 31]
     assert plan.prefill.md.query_start_loc_cpu.tolist() == [0, 6, 25, 28]
     assert plan.prefill.md.block_table.shape[0] == 3
+    plan = Composite.prepare(make_batch(*PREFILLS_AROUND).md).extra
+    assert plan.decode.tokens == slice(5, 7) and plan.prefill.tokens.tolist() == [0, 1, 2, 3, 4, *range(7, 14)]
 
 
 def test_kv_cache_written_once_per_token(monkeypatch) -> None:
