@@ -56,28 +56,36 @@ def _upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor
     return list(torch.split(flat, [len(a) for a in arrays]))
 
 
-def _group(md: AttentionMetadata, rows: np.ndarray, q_lens: np.ndarray) -> tuple[Index, Index, np.ndarray,
-                                                                                    np.ndarray | None]:
-    """(row index, token index, sub query_start_loc, token indices to upload or None)."""
+@dataclass
+class _Rows:
+    """One group's rows on the host: slices when contiguous, else index arrays to upload."""
+
+    rows_cpu: np.ndarray
+    qsl: np.ndarray  # the group's own query_start_loc
+    rows: slice | None = None
+    tokens: slice | None = None
+    indices: tuple[np.ndarray, np.ndarray] | None = None  # (rows, tokens) when not contiguous
+
+
+def _rows(md: AttentionMetadata, rows: np.ndarray, q_lens: np.ndarray) -> _Rows:
     lens = q_lens[rows]
     qsl = np.zeros(len(rows) + 1, np.int32)
     np.cumsum(lens, out=qsl[1:])
-    first = int(md.query_start_loc_cpu[rows[0]])
     if rows[-1] - rows[0] + 1 == len(rows):  # contiguous rows own contiguous tokens
-        return slice(int(rows[0]), int(rows[-1]) + 1), slice(first, first + int(qsl[-1])), qsl, None
+        first = int(md.query_start_loc_cpu[rows[0]])
+        return _Rows(rows, qsl, slice(int(rows[0]), int(rows[-1]) + 1), slice(first, first + int(qsl[-1])))
     starts = md.query_start_loc_cpu[rows].astype(np.int64)
-    tokens = np.repeat(starts - qsl[:-1], lens) + np.arange(int(qsl[-1]))
-    return rows, tokens, qsl, tokens
+    return _Rows(rows, qsl, indices=(rows, np.repeat(starts - qsl[:-1], lens) + np.arange(int(qsl[-1]))))
 
 
-def _sub_metadata(md: AttentionMetadata, rows: Index, tokens: Index, qsl_dev: torch.Tensor,
-                  qsl: np.ndarray, rows_cpu: np.ndarray) -> AttentionMetadata:
-    seq_lens_cpu = md.seq_lens_cpu[rows_cpu].copy()
+def _sub_metadata(md: AttentionMetadata, g: _Rows, rows: Index, tokens: Index,
+                  qsl_dev: torch.Tensor) -> AttentionMetadata:
+    seq_lens_cpu = md.seq_lens_cpu[g.rows_cpu]
     return AttentionMetadata(
         query_start_loc=qsl_dev, seq_lens=md.seq_lens[rows], block_table=md.block_table[rows],
-        slot_mapping=md.slot_mapping[tokens], max_query_len=int(np.diff(qsl).max()),
-        max_seq_len=int(seq_lens_cpu.max()), num_actual_tokens=int(qsl[-1]), num_reqs=len(rows_cpu),
-        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens_cpu)
+        slot_mapping=md.slot_mapping[tokens], max_query_len=int(np.diff(g.qsl).max()),
+        max_seq_len=int(seq_lens_cpu.max()), num_actual_tokens=int(g.qsl[-1]), num_reqs=len(g.rows_cpu),
+        query_start_loc_cpu=g.qsl, seq_lens_cpu=seq_lens_cpu)
 
 
 class CompositeAttentionBackend(AttentionBackend):
@@ -136,18 +144,13 @@ class CompositeAttentionBackend(AttentionBackend):
             sub = cls.decode_cls if route == "decode" else cls.prefill_cls
             return dataclasses.replace(md, extra=StepPlan(route, whole=sub.prepare(
                 dataclasses.replace(md, extra=None))))
-        dec_rows = np.flatnonzero(q_lens == 1)
-        pre_rows = np.flatnonzero(q_lens >= 2)
-        dec, pre = _group(md, dec_rows, q_lens), _group(md, pre_rows, q_lens)
-        uploads = [dec[2], pre[2]] + [a for g in (dec, pre) if g[3] is not None for a in (g[0], g[3])]
-        tensors = iter(_upload(uploads, md.seq_lens.device))
-        qsl_dev = [next(tensors).to(torch.int32), next(tensors).to(torch.int32)]
+        host = [_rows(md, np.flatnonzero(q_lens == 1), q_lens), _rows(md, np.flatnonzero(q_lens >= 2), q_lens)]
+        uploaded = iter(_upload([a for g in host for a in (g.qsl, *(g.indices or ()))], md.seq_lens.device))
         groups = []
-        for (rows, tokens, qsl, upload), rows_cpu, sub_cls, q in zip(
-                (dec, pre), (dec_rows, pre_rows), (cls.decode_cls, cls.prefill_cls), qsl_dev):
-            if upload is not None:
-                rows, tokens = next(tensors), next(tensors)
-            groups.append(Group(tokens, sub_cls.prepare(_sub_metadata(md, rows, tokens, q, qsl, rows_cpu))))
+        for g, sub_cls in zip(host, (cls.decode_cls, cls.prefill_cls)):
+            qsl_dev = next(uploaded).to(torch.int32)
+            rows, tokens = (g.rows, g.tokens) if g.indices is None else (next(uploaded), next(uploaded))
+            groups.append(Group(tokens, sub_cls.prepare(_sub_metadata(md, g, rows, tokens, qsl_dev))))
         return dataclasses.replace(md, extra=StepPlan("split", decode=groups[0], prefill=groups[1],
                                                       num_actual_tokens=md.num_actual_tokens))
 
