@@ -19,7 +19,9 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str]
-    supports_graphs: ClassVar[bool] = False  # forward + prepare safe to capture in a graph
+    # forward of a prepared pure-decode step safe to capture in a graph and replay with other
+    # lengths in the same tensors (runners capture only pure-decode steps)
+    supports_graphs: ClassVar[bool] = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         if num_heads % num_kv_heads:
@@ -44,6 +46,23 @@ class AttentionBackend(ABC):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``."""
+
+    # Optional halves of ``forward``, for backends that a composite (attention.composite) may
+    # combine: it writes a step's K/V once, then lets each backend attend over part of the step.
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """Store k/v ``[T, Hkv, D]`` at ``slot_mapping``; slot -1 (padding) is never read back."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its KV write from attention")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+        """``forward`` without the KV write: the new tokens' K/V are already in the cache."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its KV write from attention")
+
+    @classmethod
+    def splits_kv_write(cls) -> bool:
+        """Whether ``write_kv`` and ``attend`` are implemented."""
+        return cls.attend is not AttentionBackend.attend and cls.write_kv is not AttentionBackend.write_kv
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:

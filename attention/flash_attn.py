@@ -94,10 +94,19 @@ class FlashAttentionBackend(AttentionBackend):
         if q.shape[0] == 0 or md.max_query_len == 0:
             return torch.zeros_like(q)
         if kv_cache is not None:
-            _write_kv(k, v, kv_cache, md.slot_mapping)
+            self.write_kv(k, v, kv_cache, md.slot_mapping)
+        return self.attend(q, k, v, kv_cache, md)
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        _write_kv(k, v, kv_cache, slot_mapping)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+        if q.shape[0] == 0 or md.max_query_len == 0:
+            return torch.zeros_like(q)
         run = self._fa4 if flash_flavour()[0] == "fa4" else self._fa2
         return _padding_rows_to_zero(run(q, k, v, kv_cache, md), md)
-
 
     def _fa4(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:

@@ -16,6 +16,7 @@ _REGISTRY: dict[str, str] = {
     "triton": "attention.triton_attn:TritonAttentionBackend",
     "flash": "attention.flash_attn:FlashAttentionBackend",
     "xla": "attention.xla_attn:XlaAttentionBackend",
+    "auto": "attention.composite:AutoAttentionBackend",  # triton decode + flash prefill, per step
 }
 
 

@@ -51,7 +51,15 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         if kv_cache is not None:
-            write_kv_cache(k, v, kv_cache, md.slot_mapping)
+            self.write_kv(k, v, kv_cache, md.slot_mapping)
+        return self.attend(q, k, v, kv_cache, md)
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        write_kv_cache(k, v, kv_cache, slot_mapping)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         out = torch.zeros_like(q)
         qsl, lens = md.query_start_loc_cpu, md.seq_lens_cpu
         q_lens = qsl[1:md.num_reqs + 1] - qsl[:md.num_reqs]

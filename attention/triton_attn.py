@@ -269,7 +269,15 @@ class TritonAttentionBackend(AttentionBackend):
         if kv_cache is not None:
             if kv_cache.dtype != q.dtype:
                 raise ValueError(f"kv_cache dtype {kv_cache.dtype} != query dtype {q.dtype}")
-            write_kv_cache_triton(k, v, kv_cache, md.slot_mapping)
+            self.write_kv(k, v, kv_cache, md.slot_mapping)
+        return self.attend(q, k, v, kv_cache, md)
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        write_kv_cache_triton(k, v, kv_cache, slot_mapping)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         return unified_attention(q, k, v, kv_cache, md, self.scale, self.num_splits_override,
                                  self.min_split_tokens)
 

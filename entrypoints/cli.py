@@ -62,8 +62,9 @@ def _engine_options() -> argparse.ArgumentParser:
     e.add_argument("--max-num-batched-tokens", type=int, default=8192, help="most tokens in one step")
     e.add_argument("--num-kv-blocks", type=int, default=None, help="force the KV pool size (default: sized from "
                    "free memory)")
-    e.add_argument("--attention-backend", default=None, help="torch, triton or flash (default: the first of the "
-                   "platform's choices that runs here)")
+    e.add_argument("--attention-backend", default=None, help="torch, triton, flash or auto (Triton decode rows + "
+                   "flash-attn prefill rows, chosen per step); default: the first of the platform's choices "
+                   "that runs here")
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA/XPU graphs, no XLA precompilation")
     e.add_argument("--use-piecewise-graph", action="store_true",
                    help="compile the token-wise pieces (torch.compile), attention eager between them; "

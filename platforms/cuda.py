@@ -15,7 +15,7 @@ class CudaPlatform(AcceleratorPlatform):
     name: ClassVar[str] = "cuda"
     device_type: ClassVar[str] = "cuda"
     runner_cls: ClassVar[str] = "runners.gpu:GPURunner"
-    attention_backends: ClassVar[tuple[str, ...]] = ("flash", "triton", "torch")
+    attention_backends: ClassVar[tuple[str, ...]] = ("auto", "flash", "triton", "torch")
     supports_graphs: ClassVar[bool] = True
     static_shapes: ClassVar[bool] = False
     auto_float32_dtype: ClassVar[str] = "bfloat16"  # tensor cores: a float32 checkpoint runs in bf16
