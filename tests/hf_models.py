@@ -72,7 +72,7 @@ VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 VL_TOKENS = dict(image_token_id=380, video_token_id=381, vision_start_token_id=378, vision_end_token_id=379)
 
 
-def make_hf_vl_model(family: str, path: str | os.PathLike[str], *, seed: int = 0) -> str:
+def make_hf_vl_model(family: str, path: str | os.PathLike[str], *, seed: int = 0, **text_overrides: Any) -> str:
     """Save a tiny random float32 Qwen2-VL (``qwen2_vl``) or Qwen2.5-VL (``qwen2_5_vl``) model and its
     image processor config (images resized to 4..24 merged tokens). Qwen2.5's windows are 2x2
     merged tokens, block 0 windowed and block 1 full, so both attention kinds run on small images."""
@@ -82,6 +82,7 @@ def make_hf_vl_model(family: str, path: str | os.PathLike[str], *, seed: int = 0
     text = {k: v for k, v in _COMMON.items() if k != "initializer_range"}
     text.update(max_position_embeddings=1024, rope_parameters={
         "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+    text.update(text_overrides)  # e.g. fewer, wider heads (then rope_parameters with a matching mrope_section)
     if family == "qwen2_vl":
         cls, model_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)

@@ -112,13 +112,17 @@ def test_cache_too_small_fails_at_start_with_the_figures():
 def test_vl_decode_replays_graphs_and_equals_eager(tmp_path_factory):
     """A Qwen2-VL model: steps with images run eagerly, steady decoding replays the decode graphs
     (plain positions at index + delta); greedy tokens equal eager's (float32)."""
-    from tests.hf_models import VL_FAMILIES, cached_hf_model
+    from tests.hf_models import make_hf_vl_model
     from tests.models.test_qwen2_vl_vs_hf import PROMPTS, as_prompt
 
-    model_dir = cached_hf_model(VL_FAMILIES[-1], tmp_path_factory)
+    model_dir = make_hf_vl_model("qwen2_5_vl", tmp_path_factory.mktemp("vl_d32"), num_attention_heads=2,
+                                 num_key_value_heads=1, rope_parameters={  # head_dim 32: Triton runs it
+                                     "rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]})
     prompts = [as_prompt(ids, images) for ids, images in PROMPTS.values()]
-    args = dict(model=model_dir, device="cuda", dtype="float32", max_model_len=512, num_kv_blocks=128)
+    args = dict(model=model_dir, device="cuda", dtype="float32", max_model_len=512, num_kv_blocks=128,
+                attention_backend="triton")
     graphs = LLM(**args)
+    assert graphs.runner.graphs.full, f"decode graphs were captured: {graphs.info.plan}"
     replays = []
     for n, replay in graphs.runner.graphs.full.items():
         replay.graph.replay = (lambda f: lambda: replays.append(1) or f())(replay.graph.replay)
