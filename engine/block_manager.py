@@ -207,6 +207,32 @@ class KVBlockManager:
                 self._free.move_to_end(b, last=False)
         self._uncommitted = []
 
+    def repair(self) -> int:
+        """Make the reference counts and the free queue agree with the block tables again; the
+        number of blocks fixed. An interrupt (Ctrl-C) can land between a count's change and the
+        table's inside ``allocate_slots``; after aborting the interrupted call's requests, this
+        returns any block so stranded to the pool (O(num_blocks): recovery only)."""
+        counts = [0] * self.num_blocks
+        for held in self._held.values():
+            for b in held.table:
+                counts[b] += 1
+        fixed = 0
+        for b in range(1, self.num_blocks):
+            c = counts[b]
+            if self.ref_cnt[b] != c or (c == 0) != (b in self._free):
+                fixed += 1
+                self.ref_cnt[b] = c
+                if c == 0 and b not in self._free:
+                    self._free[b] = None
+                    self._free.move_to_end(b, last=False)  # its KV may be half-written: reuse it first
+                    h = self.block_hash[b]
+                    if h is not None and self._cached.get(h) == b:
+                        del self._cached[h]
+                    self.block_hash[b] = None
+                elif c > 0 and b in self._free:
+                    del self._free[b]
+        return fixed
+
     # Internals ----------------------------------------------------------------------
     def _take_free_block(self) -> int:
         b, _ = self._free.popitem(last=False)

@@ -148,6 +148,11 @@ class Scheduler:
             ids += [*so.num_scheduled_tokens, *so.preempted_req_ids]
         return self.abort_requests(ids)
 
+    def repair(self) -> None:
+        """After the interrupted call's requests are aborted: blocks an interrupt stranded
+        between a reference count and a block table go back to the pool (``KVBlockManager.repair``)."""
+        self.kv.repair()
+
     def drain_finished(self) -> SchedulerOutput:
         """A step that schedules nothing and reports the requests ended since the last one, so the
         runner can drop them now (after aborts, or at the end of a batch)."""

@@ -269,6 +269,7 @@ class LLM(LLMFrontend):
         self._pending = None
         self.scheduler.discard_step()  # the steps cut short: their outcome is unknown
         self.scheduler.abort_requests(request_ids)
+        self.scheduler.repair()  # an interrupt inside the block manager strands no block
         self._aborts.clear()
         if isinstance(exc, WorkerError):
             return  # the executor is shut down: nothing to tell the workers

@@ -177,3 +177,24 @@ def test_random_operations_keep_counts_consistent(ops: list, num_blocks: int, ca
         kv.free(r)
     check_kv(kv)
     assert kv.num_free_blocks == num_blocks - 1
+
+
+def test_repair_returns_blocks_an_interrupt_stranded() -> None:
+    """A Ctrl-C between a block's count and the request's table: after the abort, ``repair``
+    gives the block back (and only then are counts and tables consistent)."""
+    kv = KVBlockManager(num_blocks=9, block_size=4, enable_prefix_caching=True)
+    a = _req("a", list(range(10)))
+    real = kv._take_free_block
+
+    def take() -> int:
+        real()
+        raise KeyboardInterrupt
+    kv._take_free_block = take
+    with pytest.raises(KeyboardInterrupt):
+        kv.allocate_slots(a, 10, [])
+    del kv._take_free_block
+    kv.free(a)
+    assert kv.num_free_blocks == 7, "one block is stranded before the repair"
+    assert kv.repair() == 1
+    check_kv(kv)
+    assert kv.num_free_blocks == 8 and kv.repair() == 0

@@ -101,12 +101,29 @@ def _on_detokenize(monkeypatch, k: int):
     return lambda: monkeypatch.setattr(IncrementalDetokenizer, "update", real)
 
 
+def _in_block_manager(llm: LLM, k: int):
+    """Ctrl-C inside the block manager's allocation, after the k-th block's count was set but
+    before the request's table holds it (the interrupt the pool must survive)."""
+    kv, calls = llm.scheduler.kv, iter(range(10**6))
+    real = kv._take_free_block
+
+    def take() -> int:
+        b = real()
+        if next(calls) == k:
+            raise KeyboardInterrupt
+        return b
+    kv._take_free_block = take
+    return lambda: delattr(kv, "_take_free_block")
+
+
 POINTS = {
     "first prefill step": lambda llm, mp: _on_forward(llm, lambda md: md.max_query_len > 1),
     "a later prefill chunk": lambda llm, mp: _on_forward(llm, lambda md, n=iter(range(99)): md.max_query_len > 1
                                                          and next(n) == 2),
     "decode": lambda llm, mp: _on_forward(llm, lambda md, n=iter(range(99)): md.is_pure_decode and next(n) == 4),
     "detokenization": lambda llm, mp: _on_detokenize(mp, 20),
+    "the block manager, admitting": lambda llm, mp: _in_block_manager(llm, 0),
+    "the block manager, growing a request": lambda llm, mp: _in_block_manager(llm, 9),
 }
 
 
