@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from engine.config import EngineConfig
@@ -18,30 +17,10 @@ from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from entrypoints.llm_frontend import LLMFrontend, OnText, check_params
+from entrypoints.stats import GenerationStats
 from entrypoints.model_files import load_tokenizer
 from entrypoints.multimodal import ImageInputs
 from models.config import ModelConfig
-
-
-@dataclass
-class GenerationStats:
-    """Figures of the last ``generate`` call. A step with any prefill token counts as prefill."""
-
-    prefill_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_tokens: int = 0
-    decode_seconds: float = 0.0
-    output_tokens: int = 0
-    steps: int = 0
-    seconds: float = 0.0
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
 class LLM(LLMFrontend):

@@ -101,7 +101,7 @@ def reference_greedy_mm(model_dir: str, prompt: tuple[int, ...], images: tuple[M
 
 def check_multimodal(suite: Any) -> None:
     """The suite's multimodal case on a fresh runner of the tiny Qwen2-VL model."""
-    from runners.testing import StepBuilder
+    from runners.testing_steps import StepBuilder
     from runners.testing_checks import assert_tokens, finish_initialize, load_and_profile, reference_greedy
 
     model_dir = tiny_vl_model_dir()
