@@ -110,12 +110,14 @@ class ModelRunnerBase(ABC):
         pin = self.platform.pin_memory and self.device.type not in ("cpu", "xla")
         self._host_ids = [torch.empty(self.max_num_reqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._host_flip = 0
-        self.inputs = InputBuilder(self.buffers, self.input_batch, self.attn_backend, plan,
-                                   self.block_size, self.max_model_len, self.max_blocks_per_req)
-        self.graphs = GraphManager(plan, self.platform, self.buffers, mc.hidden_size, self.dtype)
         self.mm: MultiModalState | None = None  # M-RoPE positions and the encoder cache (VL models only)
         if mc.is_multimodal:
-            self.mm = MultiModalState(mc.vision_config.get("spatial_merge_size", 2), self.max_num_reqs, self.device, pin)
+            self.mm = MultiModalState(mc.vision_config.get("spatial_merge_size", 2), self.max_num_reqs,
+                                      self.device, pin)
+        self.inputs = InputBuilder(self.buffers, self.input_batch, self.attn_backend, plan, self.block_size,
+                                   self.max_model_len, self.max_blocks_per_req,
+                                   self.mm.row_delta if self.mm is not None else None)
+        self.graphs = GraphManager(plan, self.platform, self.buffers, mc.hidden_size, self.dtype)
 
     # The four device hooks ----------------------------------------------------------
     @abstractmethod
@@ -257,10 +259,9 @@ class ModelRunnerBase(ABC):
         step = self.inputs.build(req_ids, rows, num_sched)
         if self.mm is not None:  # positions [3, T]; image embeddings for the placeholders scheduled
             computed = self.input_batch.num_computed[rows]
-            if step.md.is_pure_decode and not self.mm.active:  # text tokens only: M-RoPE is plain RoPE
-                self.buffers.np["positions"][:len(rows)] += self.mm.row_delta[rows]  # at index + delta,
-                step.positions = self.buffers.to_device("positions", step.input_ids.shape[0])  # graphs too
-            else:
+            # Text tokens only (steady decoding): M-RoPE is plain RoPE at index + delta, which the
+            # step buffer already holds (the builder's position offset), so decode graphs replay.
+            if not (step.md.is_pure_decode and not self.mm.active):
                 step.positions = self.mm.positions(req_ids, rows, computed, num_sched, step.input_ids.shape[0])
             self._execute_encoder(req_ids, computed, num_sched)
             step.mm_embeds = self._gather_encoder_outputs(req_ids, computed, num_sched)

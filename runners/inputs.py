@@ -38,9 +38,13 @@ class InputBuilder:
     """Fills ``buffers`` from ``input_batch`` for one step; see ``build``."""
 
     def __init__(self, buffers: StepBuffers, input_batch: InputBatch, attn_backend: type[AttentionBackend],
-                 plan: DevicePlan, block_size: int, max_model_len: int, max_blocks_per_req: int) -> None:
+                 plan: DevicePlan, block_size: int, max_model_len: int, max_blocks_per_req: int,
+                 position_offset: np.ndarray | None = None) -> None:
+        """``position_offset``: per persistent row, added to the rotary positions the model sees
+        (not to the KV slots): M-RoPE's decode delta, under which a text token is at index + delta."""
         self.buffers, self.input_batch, self.attn_backend, self.plan = buffers, input_batch, attn_backend, plan
         self.block_size, self.max_model_len, self.max_blocks_per_req = block_size, max_model_len, max_blocks_per_req
+        self.position_offset = position_offset
 
     def build(self, req_ids: list[str], rows: np.ndarray, num_sched: np.ndarray,
               dummy: bool = False) -> StepInputs:
@@ -59,7 +63,7 @@ class InputBuilder:
         else:
             req_idx = np.repeat(np.arange(n_reqs), num_sched)
             pos = np.arange(n) - np.repeat(cu - num_sched, num_sched) + computed[req_idx]
-        b["positions"][:n] = pos
+        b["positions"][:n] = pos if self.position_offset is None or dummy else pos + self.position_offset[rows[req_idx]]
         b["positions"][n:n_pad] = 0
         b["input_ids"][n:n_pad] = 0
         b["slot_mapping"][n:n_pad] = -1
