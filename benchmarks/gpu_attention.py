@@ -67,6 +67,18 @@ class Inputs:
 
 
 
+def flash_available(wanted: bool = True) -> bool:
+    """Whether flash-attn-4's columns run: wanted and importable (else one line says why not)."""
+    if not wanted:
+        return False
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - report and go on without it
+        print(f"flash-attn-4 not importable ({e}): its columns are skipped")
+        return False
+    return True
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -250,13 +262,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.accelerator.is_available():
         sys.exit("needs a CUDA GPU")
-    with_flash = not args.no_flash
-    if with_flash:
-        try:
-            import flash_attn.cute  # noqa: F401
-        except Exception as e:
-            print(f"flash-attn-4 not importable ({e}): its column is skipped")
-            with_flash = False
+    with_flash = flash_available(not args.no_flash)
     torch.manual_seed(0)
     t0 = time.time()
     from attention.triton_attn import device_sm_count

@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_attention import _time_case  # noqa: E402 (also puts the repo on sys.path)
+from gpu_attention import _time_case, flash_available  # noqa: E402 (also puts the repo on sys.path)
 from gpu_throughput import LLAMA3_8B, WORKLOADS, make_prompts  # noqa: E402
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -57,13 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.accelerator.is_available():
         sys.exit("needs a CUDA GPU")
-    with_flash = not args.no_flash
-    if with_flash:
-        try:
-            import flash_attn.cute  # noqa: F401
-        except Exception as e:  # noqa: BLE001 - report and go on without it
-            print(f"flash-attn-4 not importable ({e}): its columns are skipped")
-            with_flash = False
+    with_flash = flash_available(not args.no_flash)
     t0 = time.time()
     rows: dict[int, dict[str, tuple[float, float]]] = {}
     for bs in BLOCK_SIZES:
