@@ -141,6 +141,34 @@ def fit_shared_memory(cfg: TileConfig, head_dim: int, elem_bytes: int,
     return cfg
 
 
+def _descriptors_pay(device: torch.device) -> bool:
+    """Tensor descriptors (TMA) for the new K/V rows: CUDA from Hopper (sm90) on."""
+    if device.type != "cuda" or _interpret():
+        return False
+    return _device_capability(_device_index(device)) >= 90
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int) -> int:
+    from triton.runtime import driver
+    target = driver.active.get_current_target()
+    return int(target.arch) if isinstance(target.arch, int) else 0
+
+
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """``[T, Hk, D]`` rows a descriptor of ``[T, Hk * D]`` can address: heads packed, 16-byte
+    aligned base and row stride (TMA's rules)."""
+    elem = t.element_size()
+    return (t.stride(2) == 1 and t.stride(1) == t.shape[2] and t.data_ptr() % 16 == 0
+            and (t.stride(0) * elem) % 16 == 0)
+
+
+def _rows_descriptor(t: torch.Tensor, block_n: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    tokens, heads, d = t.shape
+    return TensorDescriptor(t, shape=[tokens, heads * d], strides=[t.stride(0), 1], block_shape=[block_n, d])
+
+
 def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
     """Fused K+V store by ``slot_mapping``; slot -1 (padding) leaves the cache untouched."""
@@ -167,12 +195,13 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       num_splits: int | None = None,
                       min_split_tokens: int = MIN_SPLIT_TOKENS,
                       configs: tuple[TileConfig | None, TileConfig | None] = (None, None),
-                      ) -> torch.Tensor:
+                      new_kv: str | None = None) -> torch.Tensor:
     """Attention of q ``[T, Hq, D]`` over the paged cache (or over k/v when the cache is None).
 
     ``num_splits`` overrides the split heuristic (1 = no split), ``min_split_tokens`` the
-    shortest KV segment of a split and ``configs`` the (decode, prefill) tiles: for tests and
-    benchmarks.
+    shortest KV segment of a split, ``configs`` the (decode, prefill) tiles and ``new_kv`` how
+    the step's new K/V rows are read ("rows": pointers, "desc": tensor descriptors; None: descriptors
+    on CUDA sm90+, where they map to TMA): for tests and benchmarks.
     """
     from attention.triton_kernels import split_reduce_kernel, unified_attention_kernel
     num_tokens, num_heads, head_dim = q.shape
@@ -185,16 +214,18 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()
-    direct = kv_cache is None
-    if direct:
-        k_src, v_src = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-        block_size, kv_strides = 1, (0, k_src.stride(0), k_src.stride(1),
-                                     0, v_src.stride(0), v_src.stride(1))
-    else:
-        k_src, v_src = kv_cache[0], kv_cache[1]
-        block_size = k_src.shape[1]
-        kv_strides = (k_src.stride(0), k_src.stride(1), k_src.stride(2),
-                      v_src.stride(0), v_src.stride(1), v_src.stride(2))
+    k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    new_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1))
+    if new_kv not in (None, "rows", "desc"):
+        raise ValueError(f"new_kv must be None, 'rows' or 'desc', got {new_kv!r}")
+    use_desc = (new_kv == "desc" or (new_kv is None and _descriptors_pay(q.device))) \
+        and _descriptor_ok(k_new) and _descriptor_ok(v_new)
+    has_cache = kv_cache is not None
+    if has_cache:  # [2, blocks, block_size, Hk, D]: V's cache is K's at offset stride(0)
+        k_src, block_size = kv_cache[0], kv_cache.shape[2]
+        kv_strides = (k_src.stride(0), k_src.stride(1), k_src.stride(2), kv_cache.stride(0))
+    else:  # the cache arguments are unused
+        k_src, block_size, kv_strides = k_new, 1, (0,) * 4
     decode_only = md.max_query_len <= 1
     smem, elem = _smem_limit(q.device), q.element_size()
     dec = configs[0] or fit_shared_memory(decode_config(g_pad, head_dim, q.dtype), head_dim,
@@ -220,15 +251,19 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for cfg, grid0, is_decode in ((dec, grid_dec, True), (pre, grid_pre, False)):
         if cfg is None:
             continue
+        kn, vn, new_kv_mode = k_new, v_new, 1  # ROWS
+        if use_desc and not (is_decode and has_cache):  # this launch reads the new rows: DESC
+            kn, vn, new_kv_mode = _rows_descriptor(k_new, cfg.block_n), _rows_descriptor(v_new, cfg.block_n), 2
         unified_attention_kernel[(grid0, num_kv_heads, num_splits)](
-            out, q, k_src, v_src, bt, md.seq_lens, md.query_start_loc, part_m, part_l, part_acc,
+            out, q, k_src, kn, vn, bt, md.seq_lens, md.query_start_loc,
+            part_m, part_l, part_acc,
             num_tokens, num_reqs_pad, num_splits, max(1, min_split_tokens // cfg.block_n),
             qk_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides,
-            bt.stride(0), num_heads * num_splits, num_splits,
+            *new_strides, bt.stride(0), num_heads * num_splits, num_splits,
             Q_PER_KV=q_per_kv, G_PAD=g_pad, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             IS_DECODE=is_decode, ZERO_PAD=not split and (decode_only or not is_decode),
-            SPLIT=split, DIRECT_KV=direct, DOT_PREC=dot_prec,
+            SPLIT=split, HAS_CACHE=has_cache, NEW_KV=new_kv_mode, DOT_PREC=dot_prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
         split_reduce_kernel[(num_tokens, num_heads)](
@@ -246,6 +281,8 @@ class TritonAttentionBackend(AttentionBackend):
     #: force a split count (None = heuristic) / the shortest split segment; tests, benchmarks
     num_splits_override: int | None = None
     min_split_tokens: int = MIN_SPLIT_TOKENS
+    #: how the new K/V rows are read: "rows", "desc" or None (descriptors on CUDA sm90+)
+    new_kv: str | None = None
 
     @classmethod
     def unsupported_reason(cls, device_type: str, dtype: torch.dtype, head_dim: int,
@@ -279,5 +316,5 @@ class TritonAttentionBackend(AttentionBackend):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         return unified_attention(q, k, v, kv_cache, md, self.scale, self.num_splits_override,
-                                 self.min_split_tokens)
+                                 self.min_split_tokens, new_kv=self.new_kv)
 

@@ -11,37 +11,52 @@ import triton
 import triton.language as tl
 
 
+PAGED = tl.constexpr(0)  # key source of ``_attend``: the paged cache through the block table
+ROWS = tl.constexpr(1)  # contiguous rows from ``kv_tok0`` (the step's new K/V), by pointers
+DESC = tl.constexpr(2)  # the same rows through tensor descriptors (TMA on Hopper)
+
+
 @triton.jit
-def _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, kv_tok0, tile_lo, tile_hi, seq_len,
-            qk_scale, stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d,
-            BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DIRECT_KV: tl.constexpr,
+def _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, kv_tok0, col, tile_lo, tile_hi, seq_len,
+            qk_scale, stride_kb, stride_kt, stride_vt, offs_n, offs_d,
+            BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_MODE: tl.constexpr,
             MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online softmax over key tiles ``[tile_lo, tile_hi)``; MASKED adds causal/length masks."""
+    """Online softmax over key tiles ``[tile_lo, tile_hi)``; MASKED adds causal/length masks.
+    PAGED: V's cache is K's at element offset ``v_base`` (same strides), so one pointer tensor
+    serves both (a second one spills registers at 128x128 tiles). DESC: ``k_base``/``v_base``
+    are descriptors of ``[T, Hk * D]`` and ``col`` the head's first column."""
     for t in range(tile_lo, tile_hi):
         pos = t * BLOCK_N + offs_n
-        if DIRECT_KV:  # no cache: keys are the request's own new tokens
-            rows = (kv_tok0 + pos).to(tl.int64)
-            k_off = rows * stride_kt
-            v_off = rows * stride_vt
+        if KV_MODE == DESC:
+            row0 = kv_tok0 + t * BLOCK_N
+            k = k_base.load([row0, col])
+            v = v_base.load([row0, col])
+            if MASKED:  # rows past seq_len belong to other requests (or are out of bounds: 0)
+                in_len = (pos < seq_len)[:, None]
+                k = tl.where(in_len, k, 0.0)
+                v = tl.where(in_len, v, 0.0)
         else:
-            if MASKED:
-                blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < seq_len, other=0)
+            if KV_MODE == ROWS:
+                rows = (kv_tok0 + pos).to(tl.int64)
+                k_ptrs = k_base + (rows * stride_kt)[:, None] + offs_d[None, :]
+                v_ptrs = v_base + (rows * stride_vt)[:, None] + offs_d[None, :]
             else:
-                blk = tl.load(bt_row + pos // BLOCK_SIZE)
-            blk = blk.to(tl.int64)
-            in_blk = pos % BLOCK_SIZE
-            k_off = blk * stride_kb + in_blk * stride_kt
-            v_off = blk * stride_vb + in_blk * stride_vt
-        k_ptrs = k_base + k_off[:, None] + offs_d[None, :]
-        v_ptrs = v_base + v_off[:, None] + offs_d[None, :]
-        if MASKED:
-            # rows past seq_len may be NaN garbage: P = 0 times NaN would still poison acc
-            in_len = (pos < seq_len)[:, None]
-            k = tl.load(k_ptrs, mask=in_len, other=0.0)
-            v = tl.load(v_ptrs, mask=in_len, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+                if MASKED:
+                    blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < seq_len, other=0)
+                else:
+                    blk = tl.load(bt_row + pos // BLOCK_SIZE)
+                blk = blk.to(tl.int64)
+                in_blk = pos % BLOCK_SIZE
+                k_ptrs = k_base + (blk * stride_kb + in_blk * stride_kt)[:, None] + offs_d[None, :]
+                v_ptrs = k_ptrs + v_base
+            if MASKED:
+                # rows past seq_len may be NaN garbage: P = 0 times NaN would still poison acc
+                in_len = (pos < seq_len)[:, None]
+                k = tl.load(k_ptrs, mask=in_len, other=0.0)
+                v = tl.load(v_ptrs, mask=in_len, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
         if MASKED:
             keep = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] < seq_len)
@@ -59,18 +74,32 @@ def _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, kv_tok0, tile_lo, t
     return acc, m_i, l_i
 
 
+@triton.jit
+def _split_range(split, num_splits, min_tiles_per_split, n_tiles, SPLIT: tl.constexpr):
+    """This split's key tiles ``[lo, hi)`` of ``n_tiles`` (all of them without SPLIT)."""
+    if SPLIT:
+        per = tl.maximum(tl.cdiv(n_tiles, num_splits), min_tiles_per_split)
+        lo = split * per
+        hi = tl.minimum(lo + per, n_tiles)
+    else:
+        lo = 0
+        hi = n_tiles
+    return lo, hi
+
+
 @triton.jit(do_not_specialize=["num_tokens", "num_reqs_pad", "num_splits"])
 def unified_attention_kernel(
-        out_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+        out_ptr, q_ptr, k_ptr, kn_ptr, vn_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
         part_m_ptr, part_l_ptr, part_acc_ptr,
         num_tokens, num_reqs_pad, num_splits, min_tiles_per_split, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
-        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_kb, stride_kt, stride_kh, kv_delta,
+        stride_knt, stride_knh, stride_vnt, stride_vnh,
         stride_bt, stride_pt, stride_ph,
         Q_PER_KV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, IS_DECODE: tl.constexpr, ZERO_PAD: tl.constexpr,
-        SPLIT: tl.constexpr, DIRECT_KV: tl.constexpr, DOT_PREC: tl.constexpr):
+        SPLIT: tl.constexpr, HAS_CACHE: tl.constexpr, NEW_KV: tl.constexpr, DOT_PREC: tl.constexpr):
     """Grid ``(programs, num_kv_heads, num_splits)``.
 
     IS_DECODE: program ``p`` serves request ``p`` if its q_len is 1 (and, with ZERO_PAD,
@@ -78,6 +107,14 @@ def unified_attention_kernel(
     requests with q_len >= 2: request ``r`` owns programs from ``qsl[r] // BLOCK_Q + r``
     (enough for its tokens); index ``num_reqs_pad`` is a virtual request holding the padding
     tokens, zeroed with ZERO_PAD. SPLIT writes unnormalised partials per KV segment.
+
+    Keys: ``k_ptr`` is the paged K cache (HAS_CACHE; V's is at element offset ``kv_delta``
+    with the same strides), ``kn_ptr``/``vn_ptr`` the step's
+    new K/V rows ``[T, Hk, D]``. A decode row reads all its keys from the cache; a prefill
+    block reads the cached prefix from the cache (no causal mask) and the request's new tokens
+    from the contiguous new rows (no block-table lookups), so a prompt without a cached
+    prefix never gathers pages. NEW_KV (ROWS or DESC) says whether ``kn_ptr``/``vn_ptr`` are
+    pointers or tensor descriptors of ``[T, Hk * D]``.
     """
     if IS_DECODE:
         pid = tl.program_id(0)
@@ -132,44 +169,72 @@ def unified_attention_kernel(
         if (q_len < 2) | (q_off >= q_len):
             return
 
-    if DIRECT_KV:
-        seq_len = q_len
-    else:
+    if HAS_CACHE:
         seq_len = tl.load(seq_lens_ptr + req)
+    else:
+        seq_len = q_len
     ctx = seq_len - q_len  # cached prefix before the new tokens
     tok_in_req = q_off + row_tok
     row_ok = row_ok & (tok_in_req < q_len)
-    q_pos = ctx + tok_in_req
     tok = (q_start + tok_in_req).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
 
-    first_pos = ctx + q_off
-    kv_end = ctx + tl.minimum(q_off + BLOCK_Q, q_len)  # keys this tile can see
-    n_tiles = tl.cdiv(kv_end, BLOCK_N)
-    n_full = (first_pos + 1) // BLOCK_N  # tiles every row sees whole: no masks
-    if SPLIT:
-        per = tl.maximum(tl.cdiv(n_tiles, num_splits), min_tiles_per_split)
-        lo_t = split * per
-        hi_t = tl.minimum(lo_t + per, n_tiles)
-    else:
-        lo_t = 0
-        hi_t = n_tiles
-
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    k_base = k_ptr + kvh * stride_kh
-    v_base = v_ptr + kvh * stride_vh
     bt_row = bt_ptr + req.to(tl.int64) * stride_bt
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, q_start,
-                            lo_t, tl.minimum(hi_t, n_full), seq_len, qk_scale,
-                            stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d,
-                            BLOCK_N, BLOCK_SIZE, DIRECT_KV, False, DOT_PREC)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, q_start,
-                            tl.maximum(lo_t, n_full), hi_t, seq_len, qk_scale,
-                            stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d,
-                            BLOCK_N, BLOCK_SIZE, DIRECT_KV, True, DOT_PREC)
+    if NEW_KV == DESC:
+        kn_base, vn_base, kn_col = kn_ptr, vn_ptr, kvh * HEAD_DIM
+    else:
+        kn_base, vn_base, kn_col = kn_ptr + kvh * stride_knh, vn_ptr + kvh * stride_vnh, 0
+    if IS_DECODE:  # one range of keys: [0, seq_len) from the cache, or the new rows without one
+        q_pos = ctx + tok_in_req
+        n_tiles = tl.cdiv(seq_len, BLOCK_N)
+        n_full = (ctx + 1) // BLOCK_N  # tiles every row sees whole: no masks
+        lo_t, hi_t = _split_range(split, num_splits, min_tiles_per_split, n_tiles, SPLIT)
+        if HAS_CACHE:
+            k_base, v_base, s_kt, s_vt = k_ptr + kvh * stride_kh, kv_delta, stride_kt, 0
+        else:
+            k_base, v_base, s_kt, s_vt = kn_base, vn_base, stride_knt, stride_vnt
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, q_start, kn_col,
+                                lo_t, tl.minimum(hi_t, n_full), seq_len, qk_scale,
+                                stride_kb, s_kt, s_vt, offs_n, offs_d,
+                                BLOCK_N, BLOCK_SIZE, PAGED if HAS_CACHE else NEW_KV, False, DOT_PREC)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, q_start, kn_col,
+                                tl.maximum(lo_t, n_full), hi_t, seq_len, qk_scale,
+                                stride_kb, s_kt, s_vt, offs_n, offs_d,
+                                BLOCK_N, BLOCK_SIZE, PAGED if HAS_CACHE else NEW_KV, True, DOT_PREC)
+    else:
+        # tile space: the cached prefix's tiles [0, n_ctx), then the new tokens' [n_ctx, n_tiles)
+        n_ctx = tl.cdiv(ctx, BLOCK_N)
+        new_end = tl.minimum(q_off + BLOCK_Q, q_len)  # new keys this block can see
+        n_tiles = n_ctx + tl.cdiv(new_end, BLOCK_N)
+        lo_t, hi_t = _split_range(split, num_splits, min_tiles_per_split, n_tiles, SPLIT)
+        if HAS_CACHE:  # every cached key precedes every query: only the last tile is masked (length)
+            k_base = k_ptr + kvh * stride_kh
+            pos_after = ctx + tok_in_req
+            n_ctx_full = ctx // BLOCK_N
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, pos_after, k_base, kv_delta, bt_row, 0, 0,
+                                    lo_t, tl.minimum(hi_t, n_ctx_full), ctx, qk_scale,
+                                    stride_kb, stride_kt, 0, offs_n, offs_d,
+                                    BLOCK_N, BLOCK_SIZE, PAGED, False, DOT_PREC)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, pos_after, k_base, kv_delta, bt_row, 0, 0,
+                                    tl.maximum(lo_t, n_ctx_full), tl.minimum(hi_t, n_ctx), ctx,
+                                    qk_scale, stride_kb, stride_kt, 0,
+                                    offs_n, offs_d, BLOCK_N, BLOCK_SIZE, PAGED, True, DOT_PREC)
+        # the new tokens, causal, positions relative to the first new token
+        lo_n = tl.maximum(lo_t - n_ctx, 0)
+        hi_n = tl.maximum(hi_t - n_ctx, 0)
+        n_new_full = (q_off + 1) // BLOCK_N
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, tok_in_req, kn_base, vn_base, bt_row, q_start, kn_col,
+                                lo_n, tl.minimum(hi_n, n_new_full), q_len, qk_scale,
+                                0, stride_knt, stride_vnt, offs_n, offs_d,
+                                BLOCK_N, BLOCK_SIZE, NEW_KV, False, DOT_PREC)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, tok_in_req, kn_base, vn_base, bt_row, q_start, kn_col,
+                                tl.maximum(lo_n, n_new_full), hi_n, q_len, qk_scale,
+                                0, stride_knt, stride_vnt, offs_n, offs_d,
+                                BLOCK_N, BLOCK_SIZE, NEW_KV, True, DOT_PREC)
 
     if SPLIT:
         pidx = tok * stride_pt + head * stride_ph + split

@@ -1,7 +1,7 @@
 """End to end, per attention backend: the four throughput workloads with Triton only, flash-attn-4
 only and the per-step choice ("auto"), in one run and one table.
 
-    python benchmarks/gpu_attention_e2e.py [--backends triton,flash,auto] [--decode-len 2048]
+    python benchmarks/gpu_attention_e2e.py [--backends triton,flash,auto] [--decode-len 2048] [--only mixed,...]
 
 Our engine as ``gpu_throughput.py --engine ours`` runs it (Llama-3-8B shape, random bf16 weights,
 greedy, ``max_num_batched_tokens=8192``, decode CUDA graphs), once per backend, one after the
@@ -25,10 +25,16 @@ def main() -> None:
     ap.add_argument("--backends", default="triton,flash,auto")
     ap.add_argument("--decode-len", type=int, default=2048, help="decode-heavy output length")
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--only", default=None, help="comma-separated workload names (default: all four)")
     args = ap.parse_args()
     backends = args.backends.split(",")
     workloads = dict(WORKLOADS)
     workloads["decode-heavy"] = (128, 32, args.decode_len, 0)
+    if args.only:
+        unknown = set(args.only.split(",")) - set(workloads)
+        if unknown:
+            sys.exit(f"unknown workloads {sorted(unknown)}; choose from {sorted(workloads)}")
+        workloads = {k: v for k, v in workloads.items() if k in args.only.split(",")}
     results = {}
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:

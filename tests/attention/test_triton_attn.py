@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from attention.triton_attn import (TritonAttentionBackend, choose_num_splits, fit_shared_memory,
-                                   prefill_config, unified_attention, write_kv_cache_triton)
+from attention.triton_attn import (TileConfig, TritonAttentionBackend, choose_num_splits,
+                                   fit_shared_memory, prefill_config, unified_attention,
+                                   write_kv_cache_triton)
 from attention.torch_ref import write_kv_cache
 from tests.attention.batch_utils import dense_reference, make_batch, rel_err, torch_reference_backend
 
@@ -84,6 +85,32 @@ def test_profiling_without_cache() -> None:
     ref = dense_reference(b.q, b.k, b.v, None, b.md, 0.125)
     assert rel_err(out, ref) < 1e-5
     assert torch.count_nonzero(out[20:]) == 0
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("new_kv", ["rows", "desc"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_prefill_reads_cached_prefix_and_new_rows(new_kv: str, splits: int) -> None:
+    """Small prefill tiles (4 tokens x 4 heads, 16 keys) so a block crosses several cached
+    tiles (whole and partial), whole and diagonal new-token tiles and split boundaries; the
+    new K/V are strided column slices of a fused qkv output, as the model passes them."""
+    b = make_batch([40, 1, 33, 2], [21, 50, 0, 16], block_size=16, pad_reqs=1, pad_tokens=3,
+                   device=DEVICE, seed=11)
+    qkv = torch.cat([b.q, b.k, b.v], dim=1)
+    q, k, v = qkv[:, :8], qkv[:, 8:10], qkv[:, 10:12]
+    ref = dense_reference(b.q, b.k, b.v, b.kv_cache, b.md, 0.125)
+    cache = b.kv_cache.clone()
+    write_kv_cache_triton(k, v, cache, b.md.slot_mapping)
+    tiles = (None, TileConfig(16, 4, 16, 4, 2))
+    out = unified_attention(q, k, v, cache, b.md, 0.125, num_splits=splits, min_split_tokens=16,
+                            configs=tiles, new_kv=new_kv)
+    n = b.md.num_actual_tokens
+    assert rel_err(out[:n], ref[:n]) < 1e-5
+    assert torch.count_nonzero(out[n:]) == 0
+    no_cache = unified_attention(q, k, v, None, b.md, 0.125, configs=tiles, new_kv=new_kv)
+    assert rel_err(no_cache[:n], dense_reference(b.q, b.k, b.v, None, b.md, 0.125)[:n]) < 1e-5
+    with pytest.raises(ValueError, match="new_kv"):
+        unified_attention(q, k, v, cache, b.md, 0.125, new_kv="tma")
 
 
 @pytest.mark.cpu
