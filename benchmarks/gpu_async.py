@@ -5,7 +5,9 @@ or, with ``--tp N``, on N GPUs of this host (the ``"mp"`` executor: a worker pro
 
 Llama-3-8B shape, random bf16 weights (``load_format="dummy"``). Per mode: bs=1 decode tok/s
 (against the bandwidth roofline), decode-heavy total tok/s, mixed output tok/s and shared-prefix
-total tok/s, each with its % of the floor of ``gpu_throughput.py``. Prints a markdown table.
+total tok/s, each with its % of the floor of ``gpu_throughput.py``; and, on one GPU, the device's
+idle time between decode steps at batch 1 and 128 (CUDA events, no profiler: see ``idle_between_steps``).
+Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -19,8 +21,46 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.gpu_throughput import LLAMA3_8B, WORKLOADS, floor_seconds, make_prompts, measure_roofline  # noqa: E402
+from benchmarks.gpu_throughput import (LLAMA3_8B, WORKLOADS, floor_seconds, make_prompts,  # noqa: E402
+                                       measure_roofline, warm_up)
 from benchmarks.gpu_tp import _bs1, params_of  # noqa: E402
+
+
+def idle_between_steps(llm, batch: int, out_tokens: int = 256, skip: int = 16) -> tuple[float, float]:
+    """(wall ms, device-idle ms) per decode step of ``batch`` requests (32-token prompts).
+
+    An event is recorded on the device stream just before each step is launched and just after;
+    no device work is queued between one step's end event and the next step's start event, so
+    the time between them is how long the device sat idle waiting for the host to launch the next
+    step (about 0 when the host runs ahead). Idle gaps inside a step (its few launches around
+    the decode graph) are not counted. One process only (the runner must be in this process)."""
+    from engine import SamplingParams
+
+    runner = llm.runner
+    launch = runner.execute_model_async
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed_launch(scheduler_output):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        handle = launch(scheduler_output)
+        end.record()
+        events.append((start, end))
+        return handle
+
+    runner.execute_model_async = timed_launch
+    try:
+        prompts = make_prompts(f"idle{batch}", batch, 32, 0)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True), use_tqdm=False)
+        wall = time.perf_counter() - t
+    finally:
+        del runner.execute_model_async  # back to the class's method
+    torch.cuda.synchronize()
+    steady = events[skip:-skip]  # decode steps only: not the prefill nor the draining tail
+    idle = [a[1].elapsed_time(b[0]) for a, b in zip(steady, steady[1:])]
+    return 1e3 * wall / len(events), sum(idle) / len(idle)
 
 
 def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: dict, bw: float,
@@ -30,7 +70,11 @@ def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: 
     llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 2048,
               max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=backend,
               async_scheduling=async_scheduling, tensor_parallel_size=tp)
+    warm_up(llm, workloads)
     res = {"backend": llm.info.attention_backend, "bs1_tps": _bs1(llm)}
+    if tp == 1:
+        for batch in (1, 128):
+            res[f"idle{batch}"] = idle_between_steps(llm, batch)
     for name, (n_req, plen, olen, shared) in workloads.items():
         llm.scheduler.reset_prefix_cache()
         prompts = make_prompts(name, n_req, plen, shared)
@@ -75,6 +119,13 @@ def main() -> None:
               f"{r['decode-heavy']['total_tps']:,.0f} ({r['decode-heavy']['pct']:.0f}%) | "
               f"{r['mixed']['output_tps']:,.0f} ({r['mixed']['pct']:.0f}%) | "
               f"{r['shared-prefix']['total_tps']:,.0f} ({r['shared-prefix']['pct']:.0f}%) |")
+    if args.tp == 1:
+        print("\n| async_scheduling | decode batch | wall ms per step | device idle between steps, ms per step |")
+        print("|---|---|---|---|")
+        for mode in (False, True):
+            for batch in (1, 128):
+                wall, idle = res[mode][f"idle{batch}"]
+                print(f"| {'on' if mode else 'off'} | {batch} | {wall:.2f} | {idle:.3f} |")
 
 
 if __name__ == "__main__":

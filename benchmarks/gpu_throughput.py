@@ -66,6 +66,19 @@ def make_prompts(name: str, n_req: int, prompt_len: int, shared: int, seed: int 
     return [prefix + rng.integers(1000, 120000, prompt_len).tolist() for _ in range(n_req)]
 
 
+def warm_up(llm, workloads: dict) -> None:
+    """Run a small copy of each workload (8 requests, 8 output tokens, other token ids) untimed: it
+    compiles the kernel variants the workload's steps need (prefill tiles, split-KV, mixed decode
+    rows), so no JIT compile lands inside a timed run (or only in the first of two engines of one
+    process, which would favour the second). Each workload has (n_req, prompt_len, out_len, shared)."""
+    from engine import SamplingParams
+
+    for name, (n_req, plen, olen, shared) in workloads.items():
+        llm.generate(make_prompts(name, min(n_req, 8), plen, shared, seed=1),
+                     SamplingParams(temperature=0.0, max_tokens=min(olen, 8), ignore_eos=True), use_tqdm=False)
+    llm.scheduler.reset_prefix_cache()
+
+
 def floor_seconds(cfg: dict, n_req: int, prompt: int, out: int, shared: int, bw: float, flops: float,
                   prefix_cached: bool, n_gpus: int = 1) -> float:
     """Lower bound: every decode step reads all weights once (out steps at least) plus the KV it
@@ -100,11 +113,7 @@ def run_ours(model_dir: str, workloads: dict, args) -> dict:
     info = llm.info
     print(f"ours: startup {startup:.1f} s, backend {info.attention_backend}, tp {info.tensor_parallel_size}, "
           f"KV blocks {llm.num_kv_blocks}, graphs {info.num_graphs}, memory: {info.memory}", flush=True)
-    # warm-up: a small copy of each workload compiles the kernel variants its steps need
-    # (prefill tiles, split-KV, mixed decode rows), so no compile lands inside a timed run
-    for name, (n_req, plen, olen, shared) in workloads.items():
-        llm.generate(make_prompts(name, min(n_req, 8), plen, shared, seed=1),
-                     SamplingParams(temperature=0.0, max_tokens=min(olen, 8), ignore_eos=True), use_tqdm=False)
+    warm_up(llm, workloads)
     results = {"_startup_s": startup, "_backend": info.attention_backend, "_kv_blocks": llm.num_kv_blocks}
     for name, (n_req, plen, olen, shared) in workloads.items():
         llm.scheduler.reset_prefix_cache()

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.gpu_throughput import LLAMA3_8B, WORKLOADS, floor_seconds, make_prompts, measure_roofline  # noqa: E402
+from benchmarks.gpu_throughput import (LLAMA3_8B, WORKLOADS, floor_seconds, make_prompts,  # noqa: E402
+                                       measure_roofline, warm_up)
 
 LLAMA3_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
               "num_attention_heads": 64, "num_key_value_heads": 8}
@@ -138,8 +139,8 @@ def _mixed(llm, cfg: dict, bw: float, flops: float, tp: int) -> dict:
     from engine import SamplingParams
 
     n_req, plen, olen, shared = WORKLOADS["mixed"]
+    warm_up(llm, {"mixed": WORKLOADS["mixed"]})
     prompts = make_prompts("mixed", n_req, plen, shared)
-    llm.scheduler.reset_prefix_cache()
     t = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True), use_tqdm=False)
     dt = time.perf_counter() - t
