@@ -25,7 +25,7 @@ from attention.backend import AttentionBackend
 from attention.crossovers import (Crossover, Route, StepShape, choose_route, crossover_for,
                                   family_key)
 from attention.flash_attn import FlashAttentionBackend
-from attention.metadata import AttentionMetadata
+from attention.metadata import AttentionMetadata, dummy_prefill
 from attention.triton_attn import TritonAttentionBackend
 
 Index = slice | torch.Tensor
@@ -179,15 +179,10 @@ class CompositeAttentionBackend(AttentionBackend):
         kernel compiled on first use (flash-attn-4 JIT-compiles its paged variant) would
         otherwise stall the first real step routed to it, which may come long after start-up."""
         self._prefill_warm = True
-        n, dev = 128, q.device
-        qsl, lens = np.array([0, n], np.int32), np.array([n], np.int32)
-        md = AttentionMetadata(
-            torch.from_numpy(qsl).to(dev), torch.from_numpy(lens).to(dev),
-            torch.zeros(1, -(-n // kv_cache.shape[2]), dtype=torch.int32, device=dev),
-            torch.full((n,), -1, dtype=torch.int64, device=dev), n, n, n, 1, qsl, lens)
+        n = 128
         kv = q.new_zeros(n, self.num_kv_heads, self.head_dim)
         self.prefill_attn.attend(q.new_zeros(n, self.num_heads, self.head_dim), kv, kv, kv_cache,
-                                 self.prefill_cls.prepare(md))
+                                 self.prefill_cls.prepare(dummy_prefill(n, kv_cache.shape[2], q.device)))
 
 
 def composite_backend(decode: type[AttentionBackend], prefill: type[AttentionBackend],

@@ -42,3 +42,14 @@ class AttentionMetadata:
     @property
     def is_pure_decode(self) -> bool:
         return self.max_query_len == 1
+
+
+def dummy_prefill(num_tokens: int, block_size: int, device: torch.device) -> AttentionMetadata:
+    """One request of ``num_tokens`` new tokens and no cached prefix, its pages all the null
+    block and its slots -1 (nothing is written): for warm-up launches whose output is dropped."""
+    n = num_tokens
+    qsl, lens = np.array([0, n], np.int32), np.array([n], np.int32)
+    return AttentionMetadata(
+        torch.from_numpy(qsl).to(device), torch.from_numpy(lens).to(device),
+        torch.zeros(1, -(-n // block_size), dtype=torch.int32, device=device),
+        torch.full((n,), -1, dtype=torch.int64, device=device), n, n, n, 1, qsl, lens)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from attention.backend import AttentionBackend
-from attention.metadata import AttentionMetadata
+from attention.metadata import AttentionMetadata, dummy_prefill
 
 MIN_SPLIT_TOKENS = 64
 MAX_SPLITS = 64
@@ -269,7 +269,7 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         split_reduce_kernel[(num_tokens, num_heads)](
             out, part_m, part_l, part_acc, md.query_start_loc, num_reqs_pad, num_splits,
             out.stride(0), out.stride(1), num_heads * num_splits, num_splits,
-            HEAD_DIM=head_dim, S_PAD=_pow2(num_splits), num_warps=4)
+            HEAD_DIM=head_dim, S_PAD=_pow2(MAX_SPLITS), num_warps=4)  # one variant for every count
     return out
 
 
@@ -301,13 +301,34 @@ class TritonAttentionBackend(AttentionBackend):
             return f"block_size={block_size} not supported (a power of two up to 256)"
         return None
 
+    #: query lengths of the start-up prefill launches (one request each, see ``_warm_up``)
+    WARM_UP_QUERY_LENS = (2, 4, 8, 16, 128, 1024)
+    _warm: bool = False
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         if kv_cache is not None:
             if kv_cache.dtype != q.dtype:
                 raise ValueError(f"kv_cache dtype {kv_cache.dtype} != query dtype {q.dtype}")
+            if not self._warm:
+                self._warm_up(q, kv_cache)
             self.write_kv(k, v, kv_cache, md.slot_mapping)
         return self.attend(q, k, v, kv_cache, md)
+
+    def _warm_up(self, q: torch.Tensor, kv_cache: torch.Tensor) -> None:
+        """At the first forward with a cache (the runner's warm-up step before graph capture), run
+        the prefill launches real steps need on dummy requests over the null block (outputs
+        dropped, nothing written): every query-block size (2-32 tokens) with split-KV, and a long
+        request without, each with its mixed-step decode launch. Each variant is a JIT compile of
+        seconds that would otherwise stall the first real step needing it. Not on the CPU (the
+        interpreter compiles nothing)."""
+        self._warm = True
+        if q.device.type == "cpu":
+            return
+        for n in self.WARM_UP_QUERY_LENS:
+            kv = q.new_zeros(n, self.num_kv_heads, self.head_dim)
+            self.attend(q.new_zeros(n, self.num_heads, self.head_dim), kv, kv, kv_cache,
+                        dummy_prefill(n, kv_cache.shape[2], q.device))
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

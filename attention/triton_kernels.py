@@ -87,7 +87,9 @@ def _split_range(split, num_splits, min_tiles_per_split, n_tiles, SPLIT: tl.cons
     return lo, hi
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_reqs_pad", "num_splits"])
+# block-table and partial strides vary with the step (table width, split count): not specialised,
+# so the variants compiled at start-up are the ones every later step runs
+@triton.jit(do_not_specialize=["num_tokens", "num_reqs_pad", "num_splits", "stride_bt", "stride_pt", "stride_ph"])
 def unified_attention_kernel(
         out_ptr, q_ptr, k_ptr, kn_ptr, vn_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
         part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -248,7 +250,7 @@ def unified_attention_kernel(
                  mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["num_reqs_pad", "num_splits"])
+@triton.jit(do_not_specialize=["num_reqs_pad", "num_splits", "stride_pt", "stride_ph"])
 def split_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr,
                         num_reqs_pad, num_splits, stride_ot, stride_oh, stride_pt, stride_ph,
                         HEAD_DIM: tl.constexpr, S_PAD: tl.constexpr):
