@@ -17,6 +17,11 @@ Launch plan (all decided on the host from shapes and host ints, never from devic
   whatever lengths a replay brings; a reduce kernel combines the partial (max, sum, out).
 * padding is inert: slot -1 is skipped by the KV write, padding tokens' output rows are
   written as zeros (by the kernel, not a host-sized slice), padded request rows do nothing.
+* a prefill block reads its request's cached prefix from the pages and its new tokens from the
+  step's own K/V rows (TMA descriptors on CUDA sm90+, pointers elsewhere).
+* compiles happen at start-up: the first forward with a cache launches the prefill variants
+  (``TritonAttentionBackend._warm_up``), and nothing a step varies (table width, split count)
+  is a specialisation key.
 """
 from __future__ import annotations
 

@@ -111,8 +111,8 @@ def unified_attention_kernel(
     tokens, zeroed with ZERO_PAD. SPLIT writes unnormalised partials per KV segment.
 
     Keys: ``k_ptr`` is the paged K cache (HAS_CACHE; V's is at element offset ``kv_delta``
-    with the same strides), ``kn_ptr``/``vn_ptr`` the step's
-    new K/V rows ``[T, Hk, D]``. A decode row reads all its keys from the cache; a prefill
+    with the same strides), ``kn_ptr``/``vn_ptr`` the step's new K/V rows ``[T, Hk, D]``.
+    A decode row reads all its keys from the cache; a prefill
     block reads the cached prefix from the cache (no causal mask) and the request's new tokens
     from the contiguous new rows (no block-table lookups), so a prompt without a cached
     prefix never gathers pages. NEW_KV (ROWS or DESC) says whether ``kn_ptr``/``vn_ptr`` are
