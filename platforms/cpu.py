@@ -1,6 +1,7 @@
 """The CPU platform: real memory figures from the OS (psutil and /proc)."""
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import resource
@@ -22,6 +23,23 @@ def _peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively (its flags name AVX512_BF16 or AMX-BF16; Linux
+    reports them in /proc/cpuinfo, other systems count as no)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in _BF16_FLAGS)
+    except OSError:
+        pass
+    return False
 
 
 class CpuPlatform(Platform):
@@ -49,8 +67,15 @@ class CpuPlatform(Platform):
         return torch.device("cpu")
 
     def resolve_dtype(self, requested: str, config_dtype: str | None) -> torch.dtype:
-        # CPUs without bf16 units run it slowly and less exactly: "auto" means float32 here.
-        return torch.float32 if requested == "auto" else getattr(torch, requested)
+        """"auto": bfloat16 where the CPU has bf16 dot-product units (x86 AVX512_BF16 or AMX:
+        matrix products read half the bytes and run ~3x faster), unless the checkpoint is
+        float32; float32 elsewhere (without those units bf16 is emulated: slow). float16, slow
+        on CPUs, becomes bfloat16 under "auto"."""
+        if requested != "auto":
+            return getattr(torch, requested)
+        if native_bf16() and config_dtype != "float32":
+            return torch.bfloat16
+        return torch.float32
 
     def synchronize(self) -> None:
         pass  # CPU ops complete before they return

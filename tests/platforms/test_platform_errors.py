@@ -161,4 +161,4 @@ def test_auto_dtype_of_in_tree_accelerators_is_unchanged(monkeypatch):
     assert TpuPlatform().resolve_dtype("auto", "float32") is torch.bfloat16
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
     assert TpuPlatform().resolve_dtype("auto", "float32") is torch.float32
-    assert CpuPlatform().resolve_dtype("auto", "bfloat16") is torch.float32
+    assert CpuPlatform().resolve_dtype("auto", "float32") is torch.float32

@@ -71,9 +71,23 @@ def test_cpu_memory_figures_are_real():
     assert torch.equal(a, torch.rand(3))
 
 
-def test_cpu_auto_dtype_is_float32():
-    assert CpuPlatform().resolve_dtype("auto", "bfloat16") is torch.float32
-    assert CpuPlatform().resolve_dtype("bfloat16", None) is torch.bfloat16
+@pytest.mark.parametrize("flags,half", [("fpu sse avx2 avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                                        ("fpu sse avx2 avx512f avx512bw", False), (None, False)])
+def test_cpu_auto_dtype_is_bf16_only_with_bf16_units(tmp_path, monkeypatch, flags, half):
+    import platforms.cpu as cpu
+    info = tmp_path / "cpuinfo"
+    if flags is not None:  # None: no such file (not Linux)
+        info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\n")
+    assert cpu.native_bf16(str(info)) is half
+    monkeypatch.setattr(cpu, "native_bf16", lambda: half)
+    p = CpuPlatform()
+    want = torch.bfloat16 if half else torch.float32
+    assert p.resolve_dtype("auto", "bfloat16") is want
+    assert p.resolve_dtype("auto", "float16") is want  # float16 is slow on CPUs
+    assert p.resolve_dtype("auto", None) is want
+    assert p.resolve_dtype("auto", "float32") is torch.float32  # a float32 checkpoint stays exact
+    assert p.resolve_dtype("bfloat16", None) is torch.bfloat16
+    assert p.resolve_dtype("float32", "bfloat16") is torch.float32
 
 
 class _FakeAccelerator:
