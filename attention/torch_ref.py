@@ -33,13 +33,9 @@ def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Te
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
           scale: float) -> torch.Tensor:
     """q ``[B, Q, Hq, D]``, k/v ``[B, L, Hkv, D]``, mask ``[B, Q, L]`` (True = attend)."""
-    groups = q.shape[2] // k.shape[2]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=2)
-        v = v.repeat_interleave(groups, dim=2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-        attn_mask=mask.unsqueeze(1), scale=scale)
+        attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 
