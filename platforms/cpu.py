@@ -67,7 +67,7 @@ class CpuPlatform(Platform):
         return torch.device("cpu")
 
     def resolve_dtype(self, requested: str, config_dtype: str | None) -> torch.dtype:
-        """"auto": bfloat16 where the CPU has bf16 dot-product units (x86 AVX512_BF16 or AMX:
+        """Under "auto", bfloat16 where the CPU has bf16 dot-product units (x86 AVX512_BF16 or AMX:
         matrix products read half the bytes and run ~3x faster), unless the checkpoint is
         float32; float32 elsewhere (without those units bf16 is emulated: slow). float16, slow
         on CPUs, becomes bfloat16 under "auto"."""
