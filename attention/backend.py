@@ -1,7 +1,6 @@
 """The attention-backend contract."""
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -9,7 +8,7 @@ import torch
 from attention.metadata import AttentionMetadata
 
 
-class AttentionBackend(ABC):
+class AttentionBackend:
     """One instance per attention layer. ``forward`` writes the new K/V into the paged
     cache (by ``slot_mapping``) and returns attention over cached prefix + new tokens.
 
@@ -24,6 +23,8 @@ class AttentionBackend(ABC):
     supports_graphs: ClassVar[bool] = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        if type(self).forward is AttentionBackend.forward and not self.splits_kv_write():
+            raise TypeError(f"{type(self).__name__} implements neither forward nor write_kv and attend")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         self.num_heads = num_heads
@@ -42,10 +43,13 @@ class AttentionBackend(ABC):
         """Called once per step (not per layer): attach backend-specific data to ``md.extra``."""
         return md
 
-    @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
-        """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``."""
+        """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``. The default writes the new
+        K/V (``write_kv``) and attends (``attend``); a backend implements those two, or this."""
+        if kv_cache is not None:
+            self.write_kv(k, v, kv_cache, md.slot_mapping)
+        return self.attend(q, k, v, kv_cache, md)
 
     # Optional halves of ``forward``, for backends that a composite (attention.composite) may
     # combine: it writes a step's K/V once, then lets each backend attend over part of the step.

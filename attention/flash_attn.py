@@ -93,9 +93,7 @@ class FlashAttentionBackend(AttentionBackend):
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         if q.shape[0] == 0 or md.max_query_len == 0:
             return torch.zeros_like(q)
-        if kv_cache is not None:
-            self.write_kv(k, v, kv_cache, md.slot_mapping)
-        return self.attend(q, k, v, kv_cache, md)
+        return super().forward(q, k, v, kv_cache, md)
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

@@ -44,12 +44,6 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
-        if kv_cache is not None:
-            self.write_kv(k, v, kv_cache, md.slot_mapping)
-        return self.attend(q, k, v, kv_cache, md)
-
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
         write_kv_cache(k, v, kv_cache, slot_mapping)

@@ -317,8 +317,7 @@ class TritonAttentionBackend(AttentionBackend):
                 raise ValueError(f"kv_cache dtype {kv_cache.dtype} != query dtype {q.dtype}")
             if not self._warm:
                 self._warm_up(q, kv_cache)
-            self.write_kv(k, v, kv_cache, md.slot_mapping)
-        return self.attend(q, k, v, kv_cache, md)
+        return super().forward(q, k, v, kv_cache, md)
 
     def _warm_up(self, q: torch.Tensor, kv_cache: torch.Tensor) -> None:
         """At the first forward with a cache (the runner's warm-up step before graph capture), run
