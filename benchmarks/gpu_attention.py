@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from attention.metadata import AttentionMetadata  # noqa: E402
 from attention.torch_ref import TorchAttentionBackend  # noqa: E402
 from attention.triton_attn import TritonAttentionBackend, unified_attention  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 
 DEV = "cuda"
 HQ, HKV, D = 32, 8, 128  # Llama-3-8B attention
@@ -300,11 +301,7 @@ def main() -> None:
         md_lines.append("\nBest block size for triton: " + ", ".join(
             f"{label}: {bs}" for label, (_, bs) in best.items()))
     md_lines.append(f"\nTotal {time.time() - t0:.0f}s.")
-    text = "\n".join(md_lines)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "attention.md"), "w") as f:
-            f.write(text + "\n")
+    publish("\n".join(md_lines), "attention.md")
     sys.exit(1 if failed else 0)
 
 

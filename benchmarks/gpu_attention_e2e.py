@@ -18,6 +18,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_throughput import LLAMA3_8B, WORKLOADS, run_ours  # noqa: E402
+from report import publish  # noqa: E402
 
 
 def main() -> None:
@@ -55,11 +56,7 @@ def main() -> None:
             best = max(singles, key=vals.get)
             row += f" | {vals['auto'] / vals[best]:.3f} (vs {best})"
         lines.append(row + " |")
-    text = "\n".join(lines)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "attention_e2e.md"), "w") as f:
-            f.write(text + "\n")
+    publish("\n".join(lines), "attention_e2e.md")
 
 
 if __name__ == "__main__":

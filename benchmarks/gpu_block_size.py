@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_attention import _time_case, flash_available  # noqa: E402 (also puts the repo on sys.path)
 from gpu_throughput import LLAMA3_8B, WORKLOADS, make_prompts  # noqa: E402
+from report import publish  # noqa: E402
 
 BLOCK_SIZES = (16, 32, 64, 128)
 PREFIXES = (1024, 1000)  # shared prefix tokens: the workload's, and one that is no block multiple
@@ -92,11 +93,7 @@ def main() -> None:
     lines += ["", "Fastest block: " + "; ".join(f"{label}: triton {t}" + (f", FA4 {f}" if f else "")
                                                  for label, (t, f) in best.items()),
               f"\nTotal {time.time() - t0:.0f}s."]
-    text = "\n".join(lines)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "block_size.md"), "w") as f:
-            f.write(text + "\n")
+    publish("\n".join(lines), "block_size.md")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from models.fused_ops import fused_ops_mode, get_fused_ops_mode  # noqa: E402
 from models.layers import RMSNorm, SiluAndMul  # noqa: E402
 from models.rotary import RotaryEmbedding, apply_rope  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 
 LLAMA3_8B = dict(hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128)
 TINY = dict(hidden=64, inter=96, heads=4, kv_heads=2, head_dim=16)
@@ -139,11 +140,7 @@ def main() -> None:
     tiny = a.device == "cpu"
     rows = fused_ops_table(a.device, tuple([3] if tiny else a.tokens), getattr(torch, a.dtype),
                            TINY if tiny else LLAMA3_8B)
-    table = markdown(rows)
-    print(table)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "fused_ops.md"), "w") as f:
-            f.write(table + "\n")
+    publish(markdown(rows), "fused_ops.md")
 
 
 if __name__ == "__main__":
