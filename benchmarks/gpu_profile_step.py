@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--backend", default=None)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--shared", type=int, default=0, help="tokens of a prefix every prompt shares")
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per table")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (> 1: start with torchrun)")
     args = ap.parse_args()
     if int(os.environ.get("RANK", "0")) != 0:  # other ranks run the same steps silently
@@ -46,13 +48,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(LLAMA3_8B, f)
-        llm = LLM(model=d, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096,
+        llm = LLM(model=d, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 16,
                   max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=args.backend,
                   tensor_parallel_size=args.tp,
                   distributed_executor_backend="external_launcher" if args.tp > 1 else None)
     sched, runner = llm.scheduler, llm.runner
     print(f"backend {runner.attn_backend.name}, graphs {sorted(runner.graphs.full)[-3:]}")
-    prompts = make_prompts("profile", args.batch, args.ctx, 0)
+    prompts = make_prompts("profile", args.batch, args.ctx, args.shared)
     from engine.request import Request
 
     for i, p in enumerate(prompts):
@@ -75,8 +77,8 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
-    gpu, top = kernel_table(prof, args.steps)
-    print(f"\n## decode, batch {args.batch}, context ~{args.ctx}: wall {wall:.2f} ms/step, "
+    gpu, top = kernel_table(prof, args.steps, args.top)
+    print(f"\n## decode, batch {args.batch}, context ~{args.ctx + args.shared}: wall {wall:.2f} ms/step, "
           f"GPU kernels {gpu:.2f} ms/step, not covered {wall - gpu:.2f} ms\n{top}")
     # host-only cost of one step: everything but waiting for the GPU
     so = sched.schedule()
@@ -104,7 +106,7 @@ def main() -> None:
         sched.update_from_output(so, runner.execute_model(so))
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) * 1e3
-    gpu, top = kernel_table(prof, 1)
+    gpu, top = kernel_table(prof, 1, args.top)
     print(f"\n## prefill step of {so.total_num_scheduled_tokens} tokens: wall {wall:.1f} ms, "
           f"GPU kernels {gpu:.1f} ms\n{top}")
 

@@ -13,13 +13,13 @@ import triton
 import triton.language as tl
 
 # The interpreter's float32 -> bfloat16 cast truncates; GPUs round to nearest even, as torch does.
-_SOFT_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
 def _cast(x, dt: tl.constexpr):
     """float32 ``x`` to ``dt``, rounded to nearest even (emulated for bf16 in the interpreter)."""
-    if _SOFT_BF16 and dt == tl.bfloat16:
+    if _INTERPRET and dt == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         r = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -106,3 +106,61 @@ def rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr,
                   offs_d, d_ok, NUM_Q_HEADS, HALF, HQ_PAD)
     _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, stride_kh, stride_koh, cos, sin,
                   offs_d, d_ok, NUM_K_HEADS, HALF, HK_PAD)
+
+
+# GEMV: y = prologue(x) W^T (+ b) for one row (decode at batch 1), reading W once at memory speed,
+# with the op that precedes the projection in the decoder fused in front of it:
+GEMV_PLAIN, GEMV_RMSNORM, GEMV_ADD_RMSNORM, GEMV_SILU_MUL = 0, 1, 2, 3
+
+
+@triton.jit
+def gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, K, stride_wn, eps,
+                PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid ``(cdiv(N, BLOCK_N),)``: ``out[n] = sum_k W[n, k] a[k] (+ b[n])`` for the program's
+    ``BLOCK_N`` outputs, ``a`` = the prologue of x:
+
+    - RMSNorm (``ADD_RMSNORM``: of ``residual + x``, rounded, which program 0 also writes to
+      ``res_out``): ``a = norm_w * x`` and the row's ``rsqrt(mean(x^2) + eps)`` is applied to the
+      sum at the end, so the weight stream never waits on a reduction over x (unfused, the
+      normed value and the product are each rounded to x's dtype first);
+    - SiLU-and-mul of ``x = [gate | up]`` (``[2K]``), rounded where torch rounds.
+
+    ``EVEN``: N and K are multiples of the blocks (W's loads need no masks)."""
+    pid = tl.program_id(0)
+    DT: tl.constexpr = w_ptr.dtype.element_ty
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    ss = tl.zeros((BLOCK_K,), tl.float32)
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + rk
+        k_ok = ks < K
+        if PROLOGUE == 3:
+            g = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+            a = _cast(_cast(g / (1.0 + tl.exp(-g)), DT).to(tl.float32) * u, DT).to(tl.float32)
+        else:
+            a = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            if PROLOGUE == 2:
+                r = tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                s = _cast(r + a, DT)
+                if pid == 0:
+                    tl.store(res_out_ptr + ks, s, mask=k_ok)
+                a = s.to(tl.float32)
+            if PROLOGUE != 0:
+                ss += a * a
+                a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if EVEN:
+            w = tl.load(w_rows + ks[None, :])
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * a[None, :]
+    y = tl.sum(acc, axis=1)
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        y = y * tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, _cast(y, out_ptr.dtype.element_ty), mask=col_ok)

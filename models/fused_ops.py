@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -195,3 +195,83 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache:
                             NUM_Q_HEADS=hq, NUM_K_HEADS=hk, HALF=d // 2, HQ_PAD=_pow2(hq), HK_PAD=_pow2(hk),
                             HALF_PAD=_pow2(d // 2), num_warps=4 if (hq + hk) * d >= 2048 else 2, **_LAUNCH)
     return qo, ko
+
+
+# -- GEMV: one row times a large weight at memory speed, the op before it fused in front --
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    num_stages: int
+    num_warps: int
+
+
+def gemv_config(n: int, k: int) -> GemvConfig:
+    """The launch for an ``[n, k]`` weight (from ``benchmarks/gpu_gemv.py --search`` on an H200,
+    Llama-3-8B's projections): 8 output rows a program, so that even 4096 outputs make 512
+    programs; 1024-wide K-blocks, 256 for the LM head's many programs."""
+    return GemvConfig(8, 256 if n > 32768 else 1024, 1, 4)
+
+
+def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """What the GEMV kernels take: ``x [1, K]`` with a unit last stride and a 16-bit ``weight
+    [N, K]`` of x's dtype with a unit last stride."""
+    return (x.dim() == 2 and weight.dim() == 2 and x.shape[0] == 1 and x.dtype in _GEMV_DTYPES
+            and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1)
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prologue: int, k: int,
+          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+          config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from models.fused_kernels import gemv_kernel
+    if not gemv_supported(x[:, :k], weight) or weight.shape[1] != k:
+        raise ValueError(f"GEMV takes x [1, K] and weight [N, K] of one 16-bit dtype with unit last strides, got "
+                         f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    n = weight.shape[0]
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != weight.dtype):
+        raise ValueError(f"bias must be ({n},) of {weight.dtype}, got {tuple(bias.shape)} of {bias.dtype}")
+    cfg = config or gemv_config(n, k)
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    res_out = torch.empty((1, k), dtype=x.dtype, device=x.device) if residual is not None else None
+    gemv_kernel[(_cdiv(n, cfg.block_n),)](
+        x, residual if residual is not None else x, norm_weight if norm_weight is not None else weight,
+        weight, bias if bias is not None else weight, out, res_out if res_out is not None else out,
+        n, k, weight.stride(0), float(eps), PROLOGUE=prologue, HAS_BIAS=bias is not None,
+        EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_stages=cfg.num_stages, num_warps=cfg.num_warps, **_LAUNCH)
+    return out, res_out
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x [1, K]`` (see ``gemv_supported``), one launch."""
+    return _gemv(x, weight, bias, 0, x.shape[-1], config=config)[0]
+
+
+def rmsnorm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.linear(RMSNorm(x), weight, bias)`` for ``x [1, K]`` in one launch. Returns ``(y,
+    residual stream)``: with ``residual``, ``x = residual + x`` first (rounded, exactly as
+    ``fused_add_rmsnorm``) and that sum is returned; without it, ``x`` itself. The norm's scale
+    is applied to the accumulated sum, not rounded per element: ``y`` agrees with the unfused
+    ops to bf16/fp16 rounding, not bit for bit."""
+    k = x.shape[-1]
+    if tuple(norm_weight.shape) != (k,) or norm_weight.dtype != x.dtype:
+        raise ValueError(f"norm weight must be ({k},) of {x.dtype}, got {tuple(norm_weight.shape)} of {norm_weight.dtype}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(-1) != 1):
+        raise ValueError(f"residual must match x ({tuple(x.shape)}, {x.dtype}), got ({tuple(residual.shape)}, "
+                         f"{residual.dtype})")
+    y, res_out = _gemv(x, weight, bias, 1 if residual is None else 2, k, residual, norm_weight.contiguous(),
+                       eps, config)
+    return y, res_out if res_out is not None else x
+
+
+def silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: GemvConfig | None = None) -> torch.Tensor:
+    """``F.linear(silu(x[:, :I]) * x[:, I:], weight, bias)`` for ``x [1, 2I]``, one launch."""
+    if x.dim() != 2 or x.shape[1] % 2:
+        raise ValueError(f"silu_mul_gemv needs x [1, 2I], got {tuple(x.shape)}")
+    return _gemv(x, weight, bias, 3, x.shape[1] // 2, config=config)[0]

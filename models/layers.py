@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed import TPGroup
-from models.fused_ops import fused_add_rmsnorm, fused_norm_supported, fused_ops_enabled, silu_and_mul
+from models.fused_ops import (fused_add_rmsnorm, fused_norm_supported, fused_ops_enabled, gemv, gemv_supported,
+                              rmsnorm_gemv, silu_and_mul, silu_mul_gemv)
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -85,6 +86,30 @@ class RMSNorm(nn.Module):
         return self._norm(x), x
 
 
+def _gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` takes the GEMV kernels: the fused path and one row (decode at
+    batch 1, where each projection streams its weight once and the launches around it count)."""
+    return fused_ops_enabled(x) and gemv_supported(x, weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or one GEMV kernel for one row on the fused path."""
+    return gemv(x, weight, bias) if _gemv(x, weight) else F.linear(x, weight, bias)
+
+
+def rmsnorm_and_project(norm: RMSNorm, proj: ColumnParallelLinear, x: torch.Tensor,
+                        residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``proj(norm(x))`` on HF's residual stream: returns ``(projection, residual)``, the residual
+    being ``x`` itself without ``residual``, else ``residual + x``. One kernel on the GEMV path."""
+    if (_gemv(x, proj.weight) and norm.weight.dtype == x.dtype
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))):
+        return rmsnorm_gemv(x, norm.weight, norm.eps, proj.weight, proj.bias, residual)
+    if residual is None:
+        return proj(norm(x)), x
+    h, residual = norm(x, residual)
+    return proj(h), residual
+
+
 class SiluAndMul(nn.Module):
     """``[..., 2I] -> silu(first half) * second half``."""
 
@@ -117,7 +142,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(_rows(loaded_weight, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -197,8 +222,19 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        out = self.tp.all_reduce(linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+    def forward_silu_mul(self, gate_up: torch.Tensor, act: SiluAndMul) -> torch.Tensor:
+        """``forward(act(gate_up))`` for ``gate_up [T, 2I]``: one kernel on the GEMV path."""
+        if gate_up.dim() != 2 or not _gemv(gate_up[:, :self.input_size_per_rank], self.weight):
+            return self(act(gate_up))
+        bias = self.bias if self.tp.size == 1 else None
+        out = silu_mul_gemv(gate_up, self.weight, bias)
+        if self.tp.size == 1:
+            return out
+        out = self.tp.all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 
@@ -233,7 +269,7 @@ class VocabParallelEmbedding(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[R, hidden] -> [R, vocab]`` against these rows (used when embeddings are tied);
         every rank gets the whole vocabulary (all-gather)."""
-        logits = self.tp.all_gather(F.linear(hidden, self.weight))
+        logits = self.tp.all_gather(linear(hidden, self.weight))
         return logits[..., :self.vocab_size] if self.tp.size > 1 else logits
 
 

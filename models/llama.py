@@ -13,7 +13,7 @@ from attention.metadata import AttentionMetadata
 from distributed import TPGroup
 from models.config import ModelConfig
 from models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
-                           RowParallelLinear, SiluAndMul, VocabParallelEmbedding)
+                           RowParallelLinear, SiluAndMul, VocabParallelEmbedding, rmsnorm_and_project)
 from models.mrope import MRotaryEmbedding
 from models.rotary import RopeInputs, RotaryEmbedding, apply_rope
 from models.split import TokenwiseSplit
@@ -37,8 +37,12 @@ class LlamaAttention(nn.Module):
 
     def qkv(self, h: torch.Tensor, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The token-wise part before attention: q ``[T, Hq, D]``, k and v ``[T, Hk, D]``."""
-        t = h.shape[0]
-        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.split_qkv(self.qkv_proj(h), rope)
+
+    def split_qkv(self, qkv: torch.Tensor, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``qkv_proj``'s output ``[T, q + 2 kv]`` -> q, k, v heads (q/k normed, rotated)."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -62,7 +66,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``gate_up_proj``'s output -> SiLU-and-mul, then ``down_proj`` (one kernel where it fuses)."""
+        return self.down_proj.forward_silu_mul(gate_up, self.act)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -76,18 +84,16 @@ class LlamaDecoderLayer(nn.Module):
     def before_attention(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token-wise: (q, k, v, residual) for this layer's attention."""
-        if residual is None:
-            residual, h = h, self.input_layernorm(h)
-        else:
-            h, residual = self.input_layernorm(h, residual)
-        return (*self.self_attn.qkv(h, rope), residual)
+        attn = self.self_attn
+        qkv, residual = rmsnorm_and_project(self.input_layernorm, attn.qkv_proj, h, residual)
+        return (*attn.split_qkv(qkv, rope), residual)
 
     def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-wise: o_proj, residual add + norm, MLP -> (h, residual) for the next layer."""
         h = self.self_attn.o_proj(attn_out.reshape(attn_out.shape[0], -1))
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        gate_up, residual = rmsnorm_and_project(self.post_attention_layernorm, self.mlp.gate_up_proj, h, residual)
+        return self.mlp.down(gate_up), residual
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,156 @@
+"""Batch-1 projections: the GEMV kernels (with the op before each fused in) vs the unfused path.
+
+    python benchmarks/gpu_gemv.py [--search] [--e2e]
+
+Llama-3-8B shapes, bf16, one row. For each projection: the unfused path (the fused elementwise
+kernel, then cuBLAS through ``F.linear``) against one GEMV kernel with its prologue (qkv and
+gate_up: residual add + RMSNorm; down: SiLU-and-mul; o_proj and lm_head: none), in
+microseconds per call and the weight's read bandwidth. Timing: one CUDA graph of calls over
+enough distinct weight copies (>= 400 MB) that the weights come from HBM, not L2.
+``--search`` also times a grid of launch configs per projection and prints the best three
+(``models.fused_ops.gemv_config`` comes from it). ``--e2e`` also times batch-1 decode of the
+whole 8B-shaped model (random weights, Triton attention, graphs, async scheduling) with the
+GEMV kernels and without them (cuBLAS + the elementwise kernels), in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.report import publish  # noqa: E402
+from models.fused_ops import (GemvConfig, fused_add_rmsnorm, gemv, gemv_config, rmsnorm_gemv,  # noqa: E402
+                              silu_and_mul, silu_mul_gemv)
+
+# name -> (N, K, prologue)
+SHAPES = {"qkv": (6144, 4096, "add_rmsnorm"), "o_proj": (4096, 4096, None),
+          "gate_up": (28672, 4096, "add_rmsnorm"), "down": (4096, 14336, "silu_mul"),
+          "lm_head": (128256, 4096, None)}
+DEVICE = "cuda"
+
+
+def graph_us(fn: Callable[[int], object], copies: int, reps: int = 10) -> float:
+    """Microseconds per ``fn(i)`` over a graph of ``fn(0..copies-1)``, replayed ``reps`` times."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(copies):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps / copies
+
+
+def _calls(prologue: str | None, k: int, ws: list[torch.Tensor], nw: torch.Tensor):
+    """(unfused fn, GEMV fn taking a config) on weight copy i; both return the projection."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16).to(DEVICE)  # noqa: E731
+    if prologue == "add_rmsnorm":
+        x, res = rand(1, k), rand(1, k)
+        return (lambda i: F.linear(fused_add_rmsnorm(x, nw, 1e-5, res)[0], ws[i]),
+                lambda i, c=None: rmsnorm_gemv(x, nw, 1e-5, ws[i], None, res, config=c)[0])
+    if prologue == "silu_mul":
+        x = rand(1, 2 * k)
+        return lambda i: F.linear(silu_and_mul(x), ws[i]), lambda i, c=None: silu_mul_gemv(x, ws[i], config=c)
+    x = rand(1, k)
+    return lambda i: F.linear(x, ws[i]), lambda i, c=None: gemv(x, ws[i], config=c)
+
+
+def search_grid() -> list[GemvConfig]:
+    return [GemvConfig(*c) for c in itertools.product((8, 16, 32), (256, 512, 1024), (1, 3), (4, 8))]
+
+
+def decode_bs1(use_gemv: bool, out_tokens: int = 256) -> float:
+    """Batch-1 decode tok/s (1 / time per output token, best of 3) of the Llama-3-8B shape."""
+    import json
+    import tempfile
+
+    import models.layers
+    from benchmarks.gpu_throughput import LLAMA3_8B, make_prompts
+    from engine import LLM, SamplingParams
+
+    saved = models.layers._gemv
+    if not use_gemv:
+        models.layers._gemv = lambda x, w: False
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump(LLAMA3_8B, f)
+            llm = LLM(model=d, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096,
+                      max_num_seqs=16, attention_backend="triton")
+        p = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
+        llm.generate([make_prompts("bs1-warm", 1, 32, 0)[0]], p, use_tqdm=False)
+        tpot = min(llm.generate([make_prompts("bs1", 1, 32, 0)[0]], p, use_tqdm=False)[0].metrics.tpot
+                   for _ in range(3))
+        llm.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+        return 1.0 / tpot
+    finally:
+        models.layers._gemv = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--search", action="store_true")
+    ap.add_argument("--e2e", action="store_true")
+    args = ap.parse_args()
+    gpu = torch.cuda.get_device_name()
+    lines = [f"Batch-1 projections: GEMV kernel vs unfused (elementwise kernel + cuBLAS), {gpu}, bf16, "
+             "weights from HBM", "",
+             "| projection [N x K] | prologue | unfused us | GEMV us | speedup | GEMV weight TB/s |",
+             "|---|---|---|---|---|---|"]
+    found = ["", "Search (best three of the grid; default = gemv_config's choice):", ""]
+    for name, (n, k, prologue) in SHAPES.items():
+        copies = max(2, int(400e6 // (n * k * 2)))
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) * 0.02 for _ in range(copies)]
+        nw = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(torch.bfloat16)
+        unfused, fused = _calls(prologue, k, ws, nw)
+        ref = unfused(0).float()
+        err = (fused(0).float() - ref).abs().max().item() / ref.abs().max().item()
+        t_u, t_f = graph_us(unfused, copies), graph_us(fused, copies)
+        lines.append(f"| {name} [{n} x {k}] | {prologue or '-'} | {t_u:.1f} | {t_f:.1f} | {t_u / t_f:.2f}x | "
+                     f"{n * k * 2 / t_f / 1e6:.2f} |" + (f" max rel err {err:.1e}" if err > 1e-2 else ""))
+        print(lines[-1], flush=True)
+        if args.search:
+            timed = []
+            for c in search_grid():
+                try:
+                    timed.append((graph_us(lambda i, c=c: fused(i, c), copies, reps=5), c))
+                except Exception as e:  # a config past the shared memory or register limit
+                    if "out of resource" not in str(e):
+                        raise
+            timed.sort(key=lambda tc: tc[0])
+            best = ", ".join(f"{t:.1f} us {tuple(c)}" for t, c in timed[:3])
+            found.append(f"- {name}: default {t_f:.1f} us {tuple(gemv_config(n, k))}; best {best}")
+            print(found[-1], flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    if args.e2e:
+        off, on = decode_bs1(False), decode_bs1(True)
+        lines += ["", f"Batch-1 decode, Llama-3-8B shape, Triton attention: without GEMV kernels {off:.1f} tok/s, "
+                      f"with them {on:.1f} tok/s ({on / off:.2f}x)"]
+        print(lines[-1], flush=True)
+    publish("\n".join(lines + (found if args.search else [])), "gemv.md")
+
+
+if __name__ == "__main__":
+    main()
