@@ -22,6 +22,7 @@ if [[ $part == tests || $part == all ]]; then
   python3 benchmarks/gpu_attention.py --quick 2>&1 | tail -30
   python3 benchmarks/gpu_sampler.py --device cuda 2>&1 | tail -15
   python3 benchmarks/gpu_fused_ops.py 2>&1 | tail -16
+  python3 benchmarks/gpu_gemv.py --e2e 2>&1 | grep -v -i warn | tail -12
 fi
 if [[ $part == throughput || $part == all ]]; then
   python3 benchmarks/gpu_throughput.py "${@:2}" 2>&1 | tee "$OUT/throughput.log" | grep -v "^\s*$"

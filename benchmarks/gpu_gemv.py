@@ -87,9 +87,9 @@ def decode_bs1(use_gemv: bool, out_tokens: int = 256) -> float:
     from benchmarks.gpu_throughput import LLAMA3_8B, make_prompts
     from engine import LLM, SamplingParams
 
-    saved = models.layers._gemv
+    saved = models.layers._takes_gemv
     if not use_gemv:
-        models.layers._gemv = lambda x, w: False
+        models.layers._takes_gemv = lambda x, w: False
     try:
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(d, "config.json"), "w") as f:
@@ -105,7 +105,7 @@ def decode_bs1(use_gemv: bool, out_tokens: int = 256) -> float:
         torch.cuda.empty_cache()
         return 1.0 / tpot
     finally:
-        models.layers._gemv = saved
+        models.layers._takes_gemv = saved
 
 
 def main() -> None:

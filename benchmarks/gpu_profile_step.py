@@ -1,10 +1,11 @@
 """Where one step's time goes on a GPU: host vs device, and the top kernels (torch.profiler).
 
-    python benchmarks/gpu_profile_step.py [--batch 128] [--ctx 1024] [--backend flash]
+    python benchmarks/gpu_profile_step.py [--batch 128] [--ctx 1024] [--shared 0] [--backend flash] [--top 12]
     torchrun --nproc-per-node 2 benchmarks/gpu_profile_step.py --tp 2 ...   # tensor parallel, rank 0 prints
 
 Llama-3-8B-shaped random bf16 weights (as gpu_throughput.py). Times (a) decode steps at ``--batch``
-requests of ``--ctx`` context through the engine loop, (b) one 8k-token prefill step, and prints
+requests of ``--ctx`` context (after ``--shared`` tokens of a prefix they all share) through the
+engine loop, (b) one 8k-token prefill step, and prints
 per step: wall time, GPU kernel time, host time not covered by kernels, and the top kernels.
 """
 from __future__ import annotations

@@ -86,7 +86,7 @@ class RMSNorm(nn.Module):
         return self._norm(x), x
 
 
-def _gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` takes the GEMV kernels: the fused path and one row (decode at
     batch 1, where each projection streams its weight once and the launches around it count)."""
     return fused_ops_enabled(x) and gemv_supported(x, weight)
@@ -94,14 +94,14 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, or one GEMV kernel for one row on the fused path."""
-    return gemv(x, weight, bias) if _gemv(x, weight) else F.linear(x, weight, bias)
+    return gemv(x, weight, bias) if _takes_gemv(x, weight) else F.linear(x, weight, bias)
 
 
 def rmsnorm_and_project(norm: RMSNorm, proj: ColumnParallelLinear, x: torch.Tensor,
                         residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``proj(norm(x))`` on HF's residual stream: returns ``(projection, residual)``, the residual
     being ``x`` itself without ``residual``, else ``residual + x``. One kernel on the GEMV path."""
-    if (_gemv(x, proj.weight) and norm.weight.dtype == x.dtype
+    if (_takes_gemv(x, proj.weight) and norm.weight.dtype == x.dtype
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))):
         return rmsnorm_gemv(x, norm.weight, norm.eps, proj.weight, proj.bias, residual)
     if residual is None:
@@ -221,17 +221,16 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(_cols(loaded_weight, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp.size == 1:
-            return linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(linear(x, self.weight))
-        return out if self.bias is None else out + self.bias
+        return self._reduce(linear(x, self.weight, self.bias if self.tp.size == 1 else None))
 
     def forward_silu_mul(self, gate_up: torch.Tensor, act: SiluAndMul) -> torch.Tensor:
         """``forward(act(gate_up))`` for ``gate_up [T, 2I]``: one kernel on the GEMV path."""
-        if gate_up.dim() != 2 or not _gemv(gate_up[:, :self.input_size_per_rank], self.weight):
+        if gate_up.dim() != 2 or not _takes_gemv(gate_up[:, :self.input_size_per_rank], self.weight):
             return self(act(gate_up))
-        bias = self.bias if self.tp.size == 1 else None
-        out = silu_mul_gemv(gate_up, self.weight, bias)
+        return self._reduce(silu_mul_gemv(gate_up, self.weight, self.bias if self.tp.size == 1 else None))
+
+    def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product -> the full output (the bias is added once, after the sum)."""
         if self.tp.size == 1:
             return out
         out = self.tp.all_reduce(out)
