@@ -7,18 +7,20 @@ kernel, then cuBLAS through ``F.linear``) against one GEMV kernel with its prolo
 gate_up: residual add + RMSNorm; down: SiLU-and-mul; o_proj and lm_head: none), in
 microseconds per call and the weight's read bandwidth. Timing: one CUDA graph of calls over
 enough distinct weight copies (>= 400 MB) that the weights come from HBM, not L2.
+"PDL off": the GEMV without programmatic dependent launch (consecutive calls do not overlap).
 ``--search`` also times a grid of launch configs per projection and prints the best three
 (``models.fused_ops.gemv_config`` comes from it). ``--e2e`` also times batch-1 decode of the
-whole 8B-shaped model (random weights, Triton attention, graphs, async scheduling) with the
-GEMV kernels and without them (cuBLAS + the elementwise kernels), in one process.
+whole 8B-shaped model (random weights, Triton attention, graphs, async scheduling) without the
+GEMV kernels (cuBLAS + the elementwise kernels), with them but no PDL, and with them, in one process.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -78,34 +80,43 @@ def search_grid() -> list[GemvConfig]:
     return [GemvConfig(*c) for c in itertools.product((8, 16, 32), (256, 512, 1024), (1, 3), (4, 8))]
 
 
-def decode_bs1(use_gemv: bool, out_tokens: int = 256) -> float:
+@contextlib.contextmanager
+def variant(use_gemv: bool = True, pdl: bool = True) -> Iterator[None]:
+    """GEMV kernels off (cuBLAS + elementwise kernels), or on with/without programmatic dependent launch."""
+    import models.fused_ops
+    import models.layers
+    saved = models.layers._takes_gemv, models.fused_ops.gemv_pdl
+    if not use_gemv:
+        models.layers._takes_gemv = lambda x, w: False
+    if not pdl:
+        models.fused_ops.gemv_pdl = lambda device: False
+    try:
+        yield
+    finally:
+        models.layers._takes_gemv, models.fused_ops.gemv_pdl = saved
+
+
+def decode_bs1(out_tokens: int = 256) -> float:
     """Batch-1 decode tok/s (1 / time per output token, best of 3) of the Llama-3-8B shape."""
     import json
     import tempfile
 
-    import models.layers
     from benchmarks.gpu_throughput import LLAMA3_8B, make_prompts
     from engine import LLM, SamplingParams
 
-    saved = models.layers._takes_gemv
-    if not use_gemv:
-        models.layers._takes_gemv = lambda x, w: False
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(LLAMA3_8B, f)
-            llm = LLM(model=d, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096,
-                      max_num_seqs=16, attention_backend="triton")
-        p = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
-        llm.generate([make_prompts("bs1-warm", 1, 32, 0)[0]], p, use_tqdm=False)
-        tpot = min(llm.generate([make_prompts("bs1", 1, 32, 0)[0]], p, use_tqdm=False)[0].metrics.tpot
-                   for _ in range(3))
-        llm.shutdown()
-        del llm
-        torch.cuda.empty_cache()
-        return 1.0 / tpot
-    finally:
-        models.layers._takes_gemv = saved
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(LLAMA3_8B, f)
+        llm = LLM(model=d, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096,
+                  max_num_seqs=16, attention_backend="triton")
+    p = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
+    llm.generate([make_prompts("bs1-warm", 1, 32, 0)[0]], p, use_tqdm=False)
+    tpot = min(llm.generate([make_prompts("bs1", 1, 32, 0)[0]], p, use_tqdm=False)[0].metrics.tpot
+               for _ in range(3))
+    llm.shutdown()
+    del llm
+    torch.cuda.empty_cache()
+    return 1.0 / tpot
 
 
 def main() -> None:
@@ -116,8 +127,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     lines = [f"Batch-1 projections: GEMV kernel vs unfused (elementwise kernel + cuBLAS), {gpu}, bf16, "
              "weights from HBM", "",
-             "| projection [N x K] | prologue | unfused us | GEMV us | speedup | GEMV weight TB/s |",
-             "|---|---|---|---|---|---|"]
+             "| projection [N x K] | prologue | unfused us | GEMV, PDL off us | GEMV us | speedup | GEMV weight TB/s |",
+             "|---|---|---|---|---|---|---|"]
     found = ["", "Search (best three of the grid; default = gemv_config's choice):", ""]
     for name, (n, k, prologue) in SHAPES.items():
         copies = max(2, int(400e6 // (n * k * 2)))
@@ -127,8 +138,11 @@ def main() -> None:
         ref = unfused(0).float()
         err = (fused(0).float() - ref).abs().max().item() / ref.abs().max().item()
         t_u, t_f = graph_us(unfused, copies), graph_us(fused, copies)
-        lines.append(f"| {name} [{n} x {k}] | {prologue or '-'} | {t_u:.1f} | {t_f:.1f} | {t_u / t_f:.2f}x | "
-                     f"{n * k * 2 / t_f / 1e6:.2f} |" + (f" max rel err {err:.1e}" if err > 1e-2 else ""))
+        with variant(pdl=False):
+            t_np = graph_us(fused, copies)
+        lines.append(f"| {name} [{n} x {k}] | {prologue or '-'} | {t_u:.1f} | {t_np:.1f} | {t_f:.1f} | "
+                     f"{t_u / t_f:.2f}x | {n * k * 2 / t_f / 1e6:.2f} |"
+                     + (f" max rel err {err:.1e}" if err > 1e-2 else ""))
         print(lines[-1], flush=True)
         if args.search:
             timed = []
@@ -145,9 +159,14 @@ def main() -> None:
         del ws
         torch.cuda.empty_cache()
     if args.e2e:
-        off, on = decode_bs1(False), decode_bs1(True)
+        with variant(use_gemv=False):
+            off = decode_bs1()
+        with variant(pdl=False):
+            no_pdl = decode_bs1()
+        on = decode_bs1()
         lines += ["", f"Batch-1 decode, Llama-3-8B shape, Triton attention: without GEMV kernels {off:.1f} tok/s, "
-                      f"with them {on:.1f} tok/s ({on / off:.2f}x)"]
+                      f"with them {on:.1f} tok/s ({on / off:.2f}x; without programmatic dependent launch "
+                      f"{no_pdl:.1f})"]
         print(lines[-1], flush=True)
     publish("\n".join(lines + (found if args.search else [])), "gemv.md")
 

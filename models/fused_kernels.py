@@ -114,8 +114,38 @@ GEMV_PLAIN, GEMV_RMSNORM, GEMV_ADD_RMSNORM, GEMV_SILU_MUL = 0, 1, 2, 3
 
 
 @triton.jit
+def _gemv_w(w_rows, ks, k_ok, col_ok, EVEN: tl.constexpr):
+    """The weight tile ``[BLOCK_N, BLOCK_K]`` at columns ``ks``."""
+    if EVEN:
+        return tl.load(w_rows + ks[None, :])
+    return tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _gemv_step(acc, ss, w, x_ptr, res_ptr, nw_ptr, res_out_ptr, ks, k_ok, K, pid,
+               PROLOGUE: tl.constexpr, DT: tl.constexpr):
+    """``acc += w * a`` for the prologue's ``a`` at columns ``ks``; ``ss`` gathers the norm's squares."""
+    if PROLOGUE == 3:
+        g = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+        a = _cast(_cast(g / (1.0 + tl.exp(-g)), DT).to(tl.float32) * u, DT).to(tl.float32)
+    else:
+        a = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if PROLOGUE == 2:
+            r = tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            s = _cast(r + a, DT)
+            if pid == 0:
+                tl.store(res_out_ptr + ks, s, mask=k_ok)
+            a = s.to(tl.float32)
+        if PROLOGUE != 0:
+            ss += a * a
+            a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    return acc + w.to(tl.float32) * a[None, :], ss
+
+
+@triton.jit
 def gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, K, stride_wn, eps,
-                PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid ``(cdiv(N, BLOCK_N),)``: ``out[n] = sum_k W[n, k] a[k] (+ b[n])`` for the program's
     ``BLOCK_N`` outputs, ``a`` = the prologue of x:
@@ -126,7 +156,10 @@ def gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, K
       normed value and the product are each rounded to x's dtype first);
     - SiLU-and-mul of ``x = [gate | up]`` (``[2K]``), rounded where torch rounds.
 
-    ``EVEN``: N and K are multiples of the blocks (W's loads need no masks)."""
+    ``PDL`` (programmatic dependent launch, sm90+): the first weight tile is loaded before
+    waiting for the previous kernel (whose output x is), and the next kernel may launch once
+    every program has started, so one kernel's ramp-up overlaps the last one's tail; nothing
+    is written before the wait. ``EVEN``: N and K are multiples of the blocks (no masks)."""
     pid = tl.program_id(0)
     DT: tl.constexpr = w_ptr.dtype.element_ty
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -135,29 +168,16 @@ def gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, K
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     ss = tl.zeros((BLOCK_K,), tl.float32)
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
-    for k0 in range(0, K, BLOCK_K):
+    w = _gemv_w(w_rows, rk, rk < K, col_ok, EVEN)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    acc, ss = _gemv_step(acc, ss, w, x_ptr, res_ptr, nw_ptr, res_out_ptr, rk, rk < K, K, pid, PROLOGUE, DT)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         ks = k0 + rk
         k_ok = ks < K
-        if PROLOGUE == 3:
-            g = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            u = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0).to(tl.float32)
-            a = _cast(_cast(g / (1.0 + tl.exp(-g)), DT).to(tl.float32) * u, DT).to(tl.float32)
-        else:
-            a = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            if PROLOGUE == 2:
-                r = tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                s = _cast(r + a, DT)
-                if pid == 0:
-                    tl.store(res_out_ptr + ks, s, mask=k_ok)
-                a = s.to(tl.float32)
-            if PROLOGUE != 0:
-                ss += a * a
-                a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        if EVEN:
-            w = tl.load(w_rows + ks[None, :])
-        else:
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * a[None, :]
+        w = _gemv_w(w_rows, ks, k_ok, col_ok, EVEN)
+        acc, ss = _gemv_step(acc, ss, w, x_ptr, res_ptr, nw_ptr, res_out_ptr, ks, k_ok, K, pid, PROLOGUE, DT)
     y = tl.sum(acc, axis=1)
     if PROLOGUE == 1 or PROLOGUE == 2:
         y = y * tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)

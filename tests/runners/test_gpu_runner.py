@@ -131,3 +131,32 @@ def test_vl_decode_replays_graphs_and_equals_eager(tmp_path_factory):
     graphs.shutdown()
     eager = LLM(**args, enforce_eager=True)
     assert a == [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)]
+
+
+def test_batch1_gemv_with_pdl_in_graphs_equals_without(monkeypatch):
+    """bf16 batch-1 decode replays graphs of the GEMV kernels, launched with programmatic dependent
+    launch on sm90+: the logits equal those of the same kernels launched without it, bit for bit
+    (same arithmetic; only when each kernel may start differs), so no kernel reads its input early."""
+    import models.fused_ops
+    import models.layers
+
+    calls = []
+    gemv = models.layers.gemv
+    monkeypatch.setattr(models.layers, "gemv", lambda *a, **k: calls.append(1) or gemv(*a, **k))
+    args = dict(model=None, device="cuda", dtype="bfloat16", attention_backend="triton", max_num_seqs=4,
+                max_model_len=512, num_kv_blocks=256)
+    logits = {}
+    for pdl in (True, False):
+        if not pdl:
+            monkeypatch.setattr(models.fused_ops, "gemv_pdl", lambda device: False)
+        llm = LLM(**args)
+        assert llm.runner.graphs.full, "decode graphs were captured"
+        seen = []
+        compute = llm.runner.model.compute_logits
+        llm.runner.model.compute_logits = lambda h: seen.append(compute(h)) or seen[-1]
+        out = llm.generate(_prompts(1, seed=7), SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+        logits[pdl] = (out[0].outputs[0].token_ids, torch.cat(seen).float().cpu())
+        llm.shutdown()
+    assert calls, "batch-1 steps took the GEMV kernels"
+    assert logits[True][0] == logits[False][0]
+    assert torch.equal(logits[True][1], logits[False][1])
