@@ -80,7 +80,7 @@ def family_key(device: torch.device) -> str | None:
     """``"sm<major><minor>"`` for an NVIDIA GPU (read through triton's driver), else None."""
     if device.type != "cuda":
         return None
-    from attention.flash_attn import compute_capability
+    from platforms.triton_support import compute_capability
     cc = compute_capability()
     return None if cc is None else f"sm{cc}"
 

@@ -14,6 +14,7 @@ import torch
 
 from attention.backend import AttentionBackend
 from attention.metadata import AttentionMetadata
+from platforms.triton_support import compute_capability
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -32,17 +33,6 @@ def flash_flavour() -> tuple[str | None, str]:
     except Exception as e:
         return None, (f"flash-attn is not importable (flash_attn.cute: {fa4_err}; "
                       f"flash_attn: {type(e).__name__}: {e})")
-
-
-@functools.lru_cache(maxsize=None)
-def compute_capability() -> int | None:
-    """The current NVIDIA device's compute capability as 90, 100, ... (None if unknown)."""
-    try:
-        from triton.runtime import driver
-        target = driver.active.get_current_target()
-    except Exception:
-        return None
-    return int(target.arch) if target.backend == "cuda" else None
 
 
 def _head_dim_reason(flavour: str, cc: int | None, head_dim: int) -> str | None:

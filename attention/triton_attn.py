@@ -35,6 +35,7 @@ import torch
 
 from attention.backend import AttentionBackend
 from attention.metadata import AttentionMetadata, dummy_prefill
+from platforms.triton_support import hopper_or_newer
 
 MIN_SPLIT_TOKENS = 64
 MAX_SPLITS = 64
@@ -146,20 +147,6 @@ def fit_shared_memory(cfg: TileConfig, head_dim: int, elem_bytes: int,
     return cfg
 
 
-def _descriptors_pay(device: torch.device) -> bool:
-    """Tensor descriptors (TMA) for the new K/V rows: CUDA from Hopper (sm90) on."""
-    if device.type != "cuda" or _interpret():
-        return False
-    return _device_capability(_device_index(device)) >= 90
-
-
-@functools.lru_cache(maxsize=None)
-def _device_capability(index: int) -> int:
-    from triton.runtime import driver
-    target = driver.active.get_current_target()
-    return int(target.arch) if isinstance(target.arch, int) else 0
-
-
 def _descriptor_ok(t: torch.Tensor) -> bool:
     """``[T, Hk, D]`` rows a descriptor of ``[T, Hk * D]`` can address: heads packed, 16-byte
     aligned base and row stride (TMA's rules)."""
@@ -223,7 +210,7 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     new_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1))
     if new_kv not in (None, "rows", "desc"):
         raise ValueError(f"new_kv must be None, 'rows' or 'desc', got {new_kv!r}")
-    use_desc = (new_kv == "desc" or (new_kv is None and _descriptors_pay(q.device))) \
+    use_desc = (new_kv == "desc" or (new_kv is None and hopper_or_newer(q.device))) \
         and _descriptor_ok(k_new) and _descriptor_ok(v_new)
     has_cache = kv_cache is not None
     if has_cache:  # [2, blocks, block_size, Hk, D]: V's cache is K's at offset stride(0)

@@ -7,7 +7,8 @@ kernel, then cuBLAS through ``F.linear``) against one GEMV kernel with its prolo
 gate_up: residual add + RMSNorm; down: SiLU-and-mul; o_proj and lm_head: none), in
 microseconds per call and the weight's read bandwidth. Timing: one CUDA graph of calls over
 enough distinct weight copies (>= 400 MB) that the weights come from HBM, not L2.
-"PDL off": the GEMV without programmatic dependent launch (consecutive calls do not overlap).
+"PDL off": with env RUNNERS_PDL=0, no programmatic dependent launch (consecutive calls do not
+overlap).
 ``--search`` also times a grid of launch configs per projection and prints the best three
 (``models.fused_ops.gemv_config`` comes from it). ``--e2e`` also times batch-1 decode of the
 whole 8B-shaped model (random weights, Triton attention, graphs, async scheduling) without the
@@ -82,18 +83,22 @@ def search_grid() -> list[GemvConfig]:
 
 @contextlib.contextmanager
 def variant(use_gemv: bool = True, pdl: bool = True) -> Iterator[None]:
-    """GEMV kernels off (cuBLAS + elementwise kernels), or on with/without programmatic dependent launch."""
-    import models.fused_ops
+    """GEMV kernels off (cuBLAS + elementwise kernels); programmatic dependent launch off (every kernel)."""
     import models.layers
-    saved = models.layers._takes_gemv, models.fused_ops.gemv_pdl
+    from platforms.triton_support import PDL_ENV_VAR
+    saved = models.layers._takes_gemv, os.environ.get(PDL_ENV_VAR)
     if not use_gemv:
         models.layers._takes_gemv = lambda x, w: False
     if not pdl:
-        models.fused_ops.gemv_pdl = lambda device: False
+        os.environ[PDL_ENV_VAR] = "0"
     try:
         yield
     finally:
-        models.layers._takes_gemv, models.fused_ops.gemv_pdl = saved
+        models.layers._takes_gemv = saved[0]
+        if saved[1] is None:
+            os.environ.pop(PDL_ENV_VAR, None)
+        else:
+            os.environ[PDL_ENV_VAR] = saved[1]
 
 
 def decode_bs1(out_tokens: int = 256) -> float:

@@ -168,8 +168,8 @@ def gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, K
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     ss = tl.zeros((BLOCK_K,), tl.float32)
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
-    w = _gemv_w(w_rows, rk, rk < K, col_ok, EVEN)
-    if PDL:
+    w = _gemv_w(w_rows, rk, rk < K, col_ok, EVEN)  # weights: no earlier kernel writes them
+    if PDL:  # let the next kernel launch; wait for the previous one (x is its output)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     acc, ss = _gemv_step(acc, ss, w, x_ptr, res_ptr, nw_ptr, res_out_ptr, rk, rk < K, K, pid, PROLOGUE, DT)

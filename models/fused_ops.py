@@ -19,6 +19,8 @@ from typing import Iterator, NamedTuple
 
 import torch
 
+from platforms.triton_support import launch_pdl
+
 ENV_VAR = "RUNNERS_FUSED_OPS"
 MODES = ("auto", "on", "off")
 MAX_NORM_BLOCK = 32768  # the whole row in registers; wider rows take the torch path
@@ -215,15 +217,6 @@ def gemv_config(n: int, k: int) -> GemvConfig:
     return GemvConfig(8, 256 if n > 32768 else 1024, 1, 4)
 
 
-@functools.lru_cache(maxsize=None)
-def gemv_pdl(device: torch.device) -> bool:
-    """Whether GEMV launches use programmatic dependent launch: CUDA from Hopper (sm90) on."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.version.hip:
-        return False
-    from attention.flash_attn import compute_capability
-    return (compute_capability() or 0) >= 90
-
-
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """What the GEMV kernels take: ``x [1, K]`` with a unit last stride and a 16-bit ``weight
     [N, K]`` of x's dtype with a unit last stride."""
@@ -242,15 +235,15 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prol
     if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != weight.dtype):
         raise ValueError(f"bias must be ({n},) of {weight.dtype}, got {tuple(bias.shape)} of {bias.dtype}")
     cfg = config or gemv_config(n, k)
-    pdl = gemv_pdl(x.device)
+    pdl = launch_pdl(x.device)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     res_out = torch.empty((1, k), dtype=x.dtype, device=x.device) if residual is not None else None
     gemv_kernel[(_cdiv(n, cfg.block_n),)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else weight,
         weight, bias if bias is not None else weight, out, res_out if res_out is not None else out,
         n, k, weight.stride(0), float(eps), PROLOGUE=prologue, HAS_BIAS=bias is not None,
-        EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, PDL=pdl, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_stages=cfg.num_stages, num_warps=cfg.num_warps, launch_pdl=pdl, **_LAUNCH)
+        EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_stages=cfg.num_stages, num_warps=cfg.num_warps, PDL=pdl, launch_pdl=pdl, **_LAUNCH)
     return out, res_out
 
 

@@ -133,30 +133,34 @@ def test_vl_decode_replays_graphs_and_equals_eager(tmp_path_factory):
     assert a == [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)]
 
 
-def test_batch1_gemv_with_pdl_in_graphs_equals_without(monkeypatch):
-    """bf16 batch-1 decode replays graphs of the GEMV kernels, launched with programmatic dependent
-    launch on sm90+: the logits equal those of the same kernels launched without it, bit for bit
-    (same arithmetic; only when each kernel may start differs), so no kernel reads its input early."""
-    import models.fused_ops
+def test_pdl_graphs_equal_launches_without_pdl(monkeypatch):
+    """bf16 decode at batch 1 (GEMV kernels, graphs replayed) and 3, prefill and mixed steps: with
+    programmatic dependent launch (sm90+) the logits equal those of the same kernels launched
+    without it (RUNNERS_PDL=0) bit for bit - same arithmetic, only when each kernel may start
+    differs - so no GEMV reads its input, or writes, before the previous kernel is done."""
     import models.layers
+    from platforms.triton_support import PDL_ENV_VAR, launch_pdl
 
     calls = []
     gemv = models.layers.gemv
     monkeypatch.setattr(models.layers, "gemv", lambda *a, **k: calls.append(1) or gemv(*a, **k))
     args = dict(model=None, device="cuda", dtype="bfloat16", attention_backend="triton", max_num_seqs=4,
-                max_model_len=512, num_kv_blocks=256)
-    logits = {}
-    for pdl in (True, False):
-        if not pdl:
-            monkeypatch.setattr(models.fused_ops, "gemv_pdl", lambda device: False)
+                max_model_len=512, num_kv_blocks=256, max_num_batched_tokens=64)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    results = {}
+    hopper = torch.cuda.get_device_capability()[0] >= 9 and not torch.version.hip
+    for pdl in ("1", "0"):
+        monkeypatch.setenv(PDL_ENV_VAR, pdl)
+        assert launch_pdl(torch.device("cuda")) == (hopper and pdl == "1")
         llm = LLM(**args)
         assert llm.runner.graphs.full, "decode graphs were captured"
         seen = []
         compute = llm.runner.model.compute_logits
         llm.runner.model.compute_logits = lambda h: seen.append(compute(h)) or seen[-1]
-        out = llm.generate(_prompts(1, seed=7), SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
-        logits[pdl] = (out[0].outputs[0].token_ids, torch.cat(seen).float().cpu())
+        tokens = [o.outputs[0].token_ids for prompts in (_prompts(1, seed=7), _prompts(3, seed=8))
+                  for o in llm.generate(prompts, params)]
+        results[pdl] = tokens, torch.cat(seen).float().cpu()
         llm.shutdown()
     assert calls, "batch-1 steps took the GEMV kernels"
-    assert logits[True][0] == logits[False][0]
-    assert torch.equal(logits[True][1], logits[False][1])
+    assert results["1"][0] == results["0"][0]
+    assert torch.equal(results["1"][1], results["0"][1])
