@@ -13,13 +13,13 @@ import triton
 import triton.language as tl
 
 # The interpreter's float32 -> bfloat16 cast truncates; GPUs round to nearest even, as torch does.
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_SOFT_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
 def _cast(x, dt: tl.constexpr):
     """float32 ``x`` to ``dt``, rounded to nearest even (emulated for bf16 in the interpreter)."""
-    if _INTERPRET and dt == tl.bfloat16:
+    if _SOFT_BF16 and dt == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         r = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -243,14 +243,16 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prol
         weight, bias if bias is not None else weight, out, res_out if res_out is not None else out,
         n, k, weight.stride(0), float(eps), PROLOGUE=prologue, HAS_BIAS=bias is not None,
         EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_stages=cfg.num_stages, num_warps=cfg.num_warps, PDL=pdl, launch_pdl=pdl, **_LAUNCH)
+        num_stages=cfg.num_stages, num_warps=cfg.num_warps, PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}), **_LAUNCH)  # an option only CUDA's backend knows
     return out, res_out
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x [1, K]`` (see ``gemv_supported``), one launch."""
-    return _gemv(x, weight, bias, 0, x.shape[-1], config=config)[0]
+    from models.fused_kernels import GEMV_PLAIN
+    return _gemv(x, weight, bias, GEMV_PLAIN, x.shape[-1], config=config)[0]
 
 
 def rmsnorm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
@@ -267,8 +269,9 @@ def rmsnorm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight:
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(-1) != 1):
         raise ValueError(f"residual must match x ({tuple(x.shape)}, {x.dtype}), got ({tuple(residual.shape)}, "
                          f"{residual.dtype})")
-    y, res_out = _gemv(x, weight, bias, 1 if residual is None else 2, k, residual, norm_weight.contiguous(),
-                       eps, config)
+    from models.fused_kernels import GEMV_ADD_RMSNORM, GEMV_RMSNORM
+    y, res_out = _gemv(x, weight, bias, GEMV_RMSNORM if residual is None else GEMV_ADD_RMSNORM, k, residual,
+                       norm_weight.contiguous(), eps, config)
     return y, res_out if res_out is not None else x
 
 
@@ -277,4 +280,5 @@ def silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``F.linear(silu(x[:, :I]) * x[:, I:], weight, bias)`` for ``x [1, 2I]``, one launch."""
     if x.dim() != 2 or x.shape[1] % 2:
         raise ValueError(f"silu_mul_gemv needs x [1, 2I], got {tuple(x.shape)}")
-    return _gemv(x, weight, bias, 3, x.shape[1] // 2, config=config)[0]
+    from models.fused_kernels import GEMV_SILU_MUL
+    return _gemv(x, weight, bias, GEMV_SILU_MUL, x.shape[1] // 2, config=config)[0]
