@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.gpu_attention import capture_graph  # noqa: E402
 from benchmarks.report import publish  # noqa: E402
 from models.fused_ops import (GemvConfig, fused_add_rmsnorm, gemv, gemv_config, rmsnorm_gemv,  # noqa: E402
                               silu_and_mul, silu_mul_gemv)
@@ -41,16 +42,11 @@ DEVICE = "cuda"
 
 def graph_us(fn: Callable[[int], object], copies: int, reps: int = 10) -> float:
     """Microseconds per ``fn(i)`` over a graph of ``fn(0..copies-1)``, replayed ``reps`` times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+    def all_copies() -> None:
         for i in range(copies):
             fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(copies):
-            fn(i)
+    all_copies()  # compile outside the capture
+    g = capture_graph(all_copies)
     g.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -106,22 +102,20 @@ def decode_bs1(out_tokens: int = 256) -> float:
     import json
     import tempfile
 
-    from benchmarks.gpu_throughput import LLAMA3_8B, make_prompts
-    from engine import LLM, SamplingParams
+    from benchmarks.gpu_throughput import LLAMA3_8B
+    from benchmarks.gpu_tp import _bs1
+    from engine import LLM
 
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(LLAMA3_8B, f)
         llm = LLM(model=d, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096,
                   max_num_seqs=16, attention_backend="triton")
-    p = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
-    llm.generate([make_prompts("bs1-warm", 1, 32, 0)[0]], p, use_tqdm=False)
-    tpot = min(llm.generate([make_prompts("bs1", 1, 32, 0)[0]], p, use_tqdm=False)[0].metrics.tpot
-               for _ in range(3))
+    tps = max(_bs1(llm, out_tokens) for _ in range(3))
     llm.shutdown()
     del llm
     torch.cuda.empty_cache()
-    return 1.0 / tpot
+    return tps
 
 
 def main() -> None:

@@ -109,8 +109,8 @@ def rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr,
 
 
 # GEMV: y = prologue(x) W^T (+ b) for one row (decode at batch 1), reading W once at memory speed,
-# with the op that precedes the projection in the decoder fused in front of it:
-GEMV_PLAIN, GEMV_RMSNORM, GEMV_ADD_RMSNORM, GEMV_SILU_MUL = 0, 1, 2, 3
+# with the op that precedes the projection in the decoder fused in front of it. PROLOGUE: 0 none,
+# 1 RMSNorm, 2 residual add + RMSNorm, 3 SiLU-and-mul (models.fused_ops names them).
 
 
 @triton.jit

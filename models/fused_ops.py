@@ -201,6 +201,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache:
 
 # -- GEMV: one row times a large weight at memory speed, the op before it fused in front --
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
+GEMV_PLAIN, GEMV_RMSNORM, GEMV_ADD_RMSNORM, GEMV_SILU_MUL = 0, 1, 2, 3  # gemv_kernel's PROLOGUE
 
 
 class GemvConfig(NamedTuple):
@@ -251,7 +252,6 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prol
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x [1, K]`` (see ``gemv_supported``), one launch."""
-    from models.fused_kernels import GEMV_PLAIN
     return _gemv(x, weight, bias, GEMV_PLAIN, x.shape[-1], config=config)[0]
 
 
@@ -269,7 +269,6 @@ def rmsnorm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight:
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(-1) != 1):
         raise ValueError(f"residual must match x ({tuple(x.shape)}, {x.dtype}), got ({tuple(residual.shape)}, "
                          f"{residual.dtype})")
-    from models.fused_kernels import GEMV_ADD_RMSNORM, GEMV_RMSNORM
     y, res_out = _gemv(x, weight, bias, GEMV_RMSNORM if residual is None else GEMV_ADD_RMSNORM, k, residual,
                        norm_weight.contiguous(), eps, config)
     return y, res_out if res_out is not None else x
@@ -280,5 +279,4 @@ def silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``F.linear(silu(x[:, :I]) * x[:, I:], weight, bias)`` for ``x [1, 2I]``, one launch."""
     if x.dim() != 2 or x.shape[1] % 2:
         raise ValueError(f"silu_mul_gemv needs x [1, 2I], got {tuple(x.shape)}")
-    from models.fused_kernels import GEMV_SILU_MUL
     return _gemv(x, weight, bias, GEMV_SILU_MUL, x.shape[1] // 2, config=config)[0]
