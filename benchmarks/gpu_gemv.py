@@ -3,8 +3,9 @@
     python benchmarks/gpu_gemv.py [--search] [--e2e]
 
 Llama-3-8B shapes, bf16, one row. For each projection: the unfused path (the fused elementwise
-kernel, then cuBLAS through ``F.linear``) against one GEMV kernel with its prologue (qkv and
-gate_up: residual add + RMSNorm; down: SiLU-and-mul; o_proj and lm_head: none), in
+kernel, then cuBLAS through ``F.linear``; for qkv then the rotary kernel) against one GEMV kernel
+with its prologue (qkv and gate_up: residual add + RMSNorm; down: SiLU-and-mul; o_proj and
+lm_head: none) and, for qkv, RoPE on q and k as its epilogue, in
 microseconds per call and the weight's read bandwidth. Timing: one CUDA graph of calls over
 enough distinct weight copies (>= 400 MB) that the weights come from HBM, not L2.
 "PDL off": with env RUNNERS_PDL=0, no programmatic dependent launch (consecutive calls do not
@@ -30,11 +31,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks.gpu_attention import capture_graph  # noqa: E402
 from benchmarks.report import publish  # noqa: E402
-from models.fused_ops import (GemvConfig, fused_add_rmsnorm, gemv, gemv_config, rmsnorm_gemv,  # noqa: E402
-                              silu_and_mul, silu_mul_gemv)
+from models.fused_ops import (GemvConfig, GemvRope, fused_add_rmsnorm, gemv, gemv_config,  # noqa: E402
+                              rmsnorm_gemv, rotary, silu_and_mul, silu_mul_gemv)
 
 # name -> (N, K, prologue)
-SHAPES = {"qkv": (6144, 4096, "add_rmsnorm"), "o_proj": (4096, 4096, None),
+SHAPES = {"qkv": (6144, 4096, "add_rmsnorm+rope"), "o_proj": (4096, 4096, None),
           "gate_up": (28672, 4096, "add_rmsnorm"), "down": (4096, 14336, "silu_mul"),
           "lm_head": (128256, 4096, None)}
 DEVICE = "cuda"
@@ -62,6 +63,17 @@ def _calls(prologue: str | None, k: int, ws: list[torch.Tensor], nw: torch.Tenso
     """(unfused fn, GEMV fn taking a config) on weight copy i; both return the projection."""
     g = torch.Generator(device="cpu").manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16).to(DEVICE)  # noqa: E731
+    if prologue == "add_rmsnorm+rope":  # Llama-3-8B: 32 q, 8 kv heads of 128
+        x, res = rand(1, k), rand(1, k)
+        pos = torch.tensor([100], device=DEVICE)
+        angles = torch.arange(4096.0)[:, None] * (500000.0 ** (-torch.arange(0, 128, 2) / 128))[None, :]
+        cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+        rope = GemvRope(pos, cos, sin, 128, 40 * 128)
+
+        def unfused_qkv(i: int) -> torch.Tensor:
+            qkv = F.linear(fused_add_rmsnorm(x, nw, 1e-5, res)[0], ws[i])
+            return rotary(qkv[:, :4096].view(1, 32, 128), qkv[:, 4096:5120].view(1, 8, 128), pos, cos, sin)
+        return unfused_qkv, lambda i, c=None: rmsnorm_gemv(x, nw, 1e-5, ws[i], None, res, config=c, rope=rope)[0]
     if prologue == "add_rmsnorm":
         x, res = rand(1, k), rand(1, k)
         return (lambda i: F.linear(fused_add_rmsnorm(x, nw, 1e-5, res)[0], ws[i]),
@@ -74,7 +86,7 @@ def _calls(prologue: str | None, k: int, ws: list[torch.Tensor], nw: torch.Tenso
 
 
 def search_grid() -> list[GemvConfig]:
-    return [GemvConfig(*c) for c in itertools.product((8, 16, 32), (256, 512, 1024), (1, 3), (4, 8))]
+    return [GemvConfig(*c) for c in itertools.product((4, 8, 16), (256, 512, 1024, 2048), (1,), (4, 8))]
 
 
 @contextlib.contextmanager
@@ -134,8 +146,11 @@ def main() -> None:
         ws = [torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) * 0.02 for _ in range(copies)]
         nw = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(torch.bfloat16)
         unfused, fused = _calls(prologue, k, ws, nw)
-        ref = unfused(0).float()
-        err = (fused(0).float() - ref).abs().max().item() / ref.abs().max().item()
+        ref = unfused(0)
+        if isinstance(ref, tuple):  # qkv: the rotated q and k
+            ref = torch.cat([r.reshape(1, -1) for r in ref], -1)
+        ref, got = ref.float(), fused(0)[:, :ref.shape[1]].float()
+        err = (got - ref).abs().max().item() / ref.abs().max().item()
         t_u, t_f = graph_us(unfused, copies), graph_us(fused, copies)
         with variant(pdl=False):
             t_np = graph_us(fused, copies)

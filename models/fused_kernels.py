@@ -122,47 +122,81 @@ def _gemv_w(w_rows, ks, k_ok, col_ok, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step(acc, ss, w, x_ptr, res_ptr, nw_ptr, res_out_ptr, ks, k_ok, K, pid,
-               PROLOGUE: tl.constexpr, DT: tl.constexpr):
+def _gemv_vec(ptr, ks, k_ok, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptr + ks).to(tl.float32)
+    return tl.load(ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_step(acc, ss, w, x_ptr, res_ptr, nw_ptr, ks, k_ok, K,
+               PROLOGUE: tl.constexpr, DT: tl.constexpr, EVEN: tl.constexpr):
     """``acc += w * a`` for the prologue's ``a`` at columns ``ks``; ``ss`` gathers the norm's squares."""
     if PROLOGUE == 3:
-        g = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+        g = _gemv_vec(x_ptr, ks, k_ok, EVEN)
+        u = _gemv_vec(x_ptr + K, ks, k_ok, EVEN)
         a = _cast(_cast(g / (1.0 + tl.exp(-g)), DT).to(tl.float32) * u, DT).to(tl.float32)
     else:
-        a = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        a = _gemv_vec(x_ptr, ks, k_ok, EVEN)
         if PROLOGUE == 2:
-            r = tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            s = _cast(r + a, DT)
-            if pid == 0:
-                tl.store(res_out_ptr + ks, s, mask=k_ok)
-            a = s.to(tl.float32)
+            a = _cast(_gemv_vec(res_ptr, ks, k_ok, EVEN) + a, DT).to(tl.float32)
         if PROLOGUE != 0:
             ss += a * a
-            a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            a = a * _gemv_vec(nw_ptr, ks, k_ok, EVEN)
     return acc + w.to(tl.float32) * a[None, :], ss
 
 
 @triton.jit
+def _rope_pairs(y, pos_ptr, cos_ptr, sin_ptr, stride_cache, j0, rotate,
+                DT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``y`` = rows ``[j0 .. j0+P)`` then their partners ``+ D/2`` of one head (P = BLOCK_N/2),
+    each rounded to ``DT``: rotated as ``rotary_kernel`` rotates them where ``rotate``."""
+    P: tl.constexpr = BLOCK_N // 2
+    a, b = tl.split(tl.permute(tl.reshape(y, (2, P)), (1, 0)))
+    pos = tl.load(pos_ptr).to(tl.int64)
+    j = j0 + tl.arange(0, P)
+    c = _cast(tl.load(cos_ptr + pos * stride_cache + j), DT).to(tl.float32)
+    s = _cast(tl.load(sin_ptr + pos * stride_cache + j), DT).to(tl.float32)
+    ra = _cast(_cast(a * c, DT).to(tl.float32) - _cast(b * s, DT).to(tl.float32), DT).to(tl.float32)
+    rb = _cast(_cast(b * c, DT).to(tl.float32) + _cast(a * s, DT).to(tl.float32), DT).to(tl.float32)
+    return tl.where(rotate, tl.reshape(tl.permute(tl.join(ra, rb), (1, 0)), (BLOCK_N,)), y)
+
+
+@triton.jit
 def gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, K, stride_wn, eps,
+                pos_ptr, cos_ptr, sin_ptr, stride_cache, rope_rows,
                 PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                ROPE: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid ``(cdiv(N, BLOCK_N),)``: ``out[n] = sum_k W[n, k] a[k] (+ b[n])`` for the program's
     ``BLOCK_N`` outputs, ``a`` = the prologue of x:
 
     - RMSNorm (``ADD_RMSNORM``: of ``residual + x``, rounded, which program 0 also writes to
-      ``res_out``): ``a = norm_w * x`` and the row's ``rsqrt(mean(x^2) + eps)`` is applied to the
-      sum at the end, so the weight stream never waits on a reduction over x (unfused, the
-      normed value and the product are each rounded to x's dtype first);
+      ``res_out``): ``a = norm_w * x`` and the row's ``rsqrt(mean(x^2) + eps)``
+      is applied to the sum at the end, so the weight stream never waits on a reduction over x
+      (unfused, the normed value and the product are each rounded to x's dtype first);
     - SiLU-and-mul of ``x = [gate | up]`` (``[2K]``), rounded where torch rounds.
+
+    ``ROPE`` (a qkv projection, heads of ``2 * HALF`` rows): a program takes ``BLOCK_N / 2`` rows
+    of one head and their rotation partners ``HALF`` further on, so the neox rotation of the
+    first ``rope_rows`` outputs (q and k; v follows) by ``cos/sin[pos]`` happens in registers,
+    with ``rotary_kernel``'s roundings, instead of in another launch.
 
     ``PDL`` (programmatic dependent launch, sm90+): the first weight tile is loaded before
     waiting for the previous kernel (whose output x is), and the next kernel may launch once
     every program has started, so one kernel's ramp-up overlaps the last one's tail; nothing
-    is written before the wait. ``EVEN``: N and K are multiples of the blocks (no masks)."""
+    is written before the wait. ``EVEN``: N and K are multiples of the blocks (no masks). No
+    store sits in the weight loop (one there keeps the next tile's loads behind it), and
+    program 0 writes the residual stream before its loop: after it, gate_up took 3 us longer."""
     pid = tl.program_id(0)
     DT: tl.constexpr = w_ptr.dtype.element_ty
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE:
+        P: tl.constexpr = BLOCK_N // 2
+        head = pid // (HALF // P)
+        j0 = (pid % (HALF // P)) * P
+        idx = tl.arange(0, BLOCK_N)
+        cols = head * (2 * HALF) + j0 + idx % P + (idx // P) * HALF
+    else:
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -172,15 +206,24 @@ def gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, K
     if PDL:  # let the next kernel launch; wait for the previous one (x is its output)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    acc, ss = _gemv_step(acc, ss, w, x_ptr, res_ptr, nw_ptr, res_out_ptr, rk, rk < K, K, pid, PROLOGUE, DT)
+    if PROLOGUE == 2 and pid == 0:  # the residual stream residual + x (here, not after the loop: faster)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + rk
+            k_ok = ks < K
+            s = _gemv_vec(res_ptr, ks, k_ok, EVEN) + _gemv_vec(x_ptr, ks, k_ok, EVEN)
+            tl.store(res_out_ptr + ks, _cast(s, DT), mask=k_ok)
+    acc, ss = _gemv_step(acc, ss, w, x_ptr, res_ptr, nw_ptr, rk, rk < K, K, PROLOGUE, DT, EVEN)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         ks = k0 + rk
         k_ok = ks < K
         w = _gemv_w(w_rows, ks, k_ok, col_ok, EVEN)
-        acc, ss = _gemv_step(acc, ss, w, x_ptr, res_ptr, nw_ptr, res_out_ptr, ks, k_ok, K, pid, PROLOGUE, DT)
+        acc, ss = _gemv_step(acc, ss, w, x_ptr, res_ptr, nw_ptr, ks, k_ok, K, PROLOGUE, DT, EVEN)
     y = tl.sum(acc, axis=1)
     if PROLOGUE == 1 or PROLOGUE == 2:
         y = y * tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if ROPE:
+        y = _rope_pairs(_cast(y, DT).to(tl.float32), pos_ptr, cos_ptr, sin_ptr, stride_cache, j0,
+                        head * (2 * HALF) < rope_rows, DT, BLOCK_N)
     tl.store(out_ptr + cols, _cast(y, out_ptr.dtype.element_ty), mask=col_ok)

@@ -211,11 +211,28 @@ class GemvConfig(NamedTuple):
     num_warps: int
 
 
+class GemvRope(NamedTuple):
+    """Neox RoPE for a qkv GEMV to apply to its first ``rows`` outputs (q and k heads of
+    ``head_dim``) at ``positions [1]``, from float32 ``cos/sin_cache [max_pos, head_dim/2]``."""
+
+    positions: torch.Tensor
+    cos_cache: torch.Tensor
+    sin_cache: torch.Tensor
+    head_dim: int
+    rows: int
+
+
 def gemv_config(n: int, k: int) -> GemvConfig:
-    """The launch for an ``[n, k]`` weight (from ``benchmarks/gpu_gemv.py --search`` on an H200,
-    Llama-3-8B's projections): 8 output rows a program, so that even 4096 outputs make 512
-    programs; 1024-wide K-blocks, 256 for the LM head's many programs."""
-    return GemvConfig(8, 256 if n > 32768 else 1024, 1, 4)
+    """The launch for an ``[n, k]`` weight, from ``benchmarks/gpu_gemv.py --search`` on an H200
+    with Llama-3-8B's projections: 8 output rows a program over 1024-wide K-blocks (o_proj,
+    gate_up, down: even 4096 outputs make 512 programs); 16 rows over 512 for a qkv-shaped
+    weight (grouped KV heads: between 1x and 2x as many outputs as inputs); the LM head's
+    128k rows 4 a program over 2048-wide blocks with 8 warps."""
+    if n > 32768:
+        return GemvConfig(4, 2048, 1, 8)
+    if k < n < 2 * k:
+        return GemvConfig(16, 512, 1, 4)
+    return GemvConfig(8, 1024, 1, 4)
 
 
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -225,9 +242,25 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1)
 
 
+def _check_rope(rope: GemvRope, n: int) -> None:
+    d = rope.head_dim
+    if d < 2 or d % 2 or n % d or rope.rows % d or not 0 <= rope.rows <= n:
+        raise ValueError(f"GEMV RoPE needs an even head_dim dividing N={n} and rows={rope.rows} (<= N), "
+                         f"got head_dim {d}")
+    if tuple(rope.positions.shape) != (1,):
+        raise ValueError(f"GEMV RoPE takes one position, got positions of shape {tuple(rope.positions.shape)}")
+    for name, c in (("cos", rope.cos_cache), ("sin", rope.sin_cache)):
+        if c.dim() != 2 or c.shape[1] != d // 2 or c.dtype != torch.float32 or c.stride(1) != 1:
+            raise ValueError(f"{name}_cache must be float32 [max_pos, {d // 2}] with a unit last stride, "
+                             f"got {tuple(c.shape)} of {c.dtype}")
+    if rope.sin_cache.stride(0) != rope.cos_cache.stride(0):
+        raise ValueError("cos_cache and sin_cache must have the same row stride")
+
+
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prologue: int, k: int,
           residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-          config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+          config: GemvConfig | None = None, rope: GemvRope | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     from models.fused_kernels import gemv_kernel
     if not gemv_supported(x[:, :k], weight) or weight.shape[1] != k:
         raise ValueError(f"GEMV takes x [1, K] and weight [N, K] of one 16-bit dtype with unit last strides, got "
@@ -236,15 +269,23 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prol
     if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != weight.dtype):
         raise ValueError(f"bias must be ({n},) of {weight.dtype}, got {tuple(bias.shape)} of {bias.dtype}")
     cfg = config or gemv_config(n, k)
+    half = 1
+    if rope is not None:
+        _check_rope(rope, n)
+        half = rope.head_dim // 2
+        while half % (cfg.block_n // 2):  # a program's rows and their partners lie in one head
+            cfg = cfg._replace(block_n=cfg.block_n // 2)
     pdl = launch_pdl(x.device)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     res_out = torch.empty((1, k), dtype=x.dtype, device=x.device) if residual is not None else None
+    pos, cos, sin = (rope.positions, rope.cos_cache, rope.sin_cache) if rope is not None else (x, x, x)
     gemv_kernel[(_cdiv(n, cfg.block_n),)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else weight,
         weight, bias if bias is not None else weight, out, res_out if res_out is not None else out,
-        n, k, weight.stride(0), float(eps), PROLOGUE=prologue, HAS_BIAS=bias is not None,
-        EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_stages=cfg.num_stages, num_warps=cfg.num_warps, PDL=pdl,
+        n, k, weight.stride(0), float(eps), pos, cos, sin, cos.stride(0), rope.rows if rope is not None else 0,
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0,
+        PDL=pdl, ROPE=rope is not None, HALF=half, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_stages=cfg.num_stages, num_warps=cfg.num_warps,
         **({"launch_pdl": True} if pdl else {}), **_LAUNCH)  # an option only CUDA's backend knows
     return out, res_out
 
@@ -257,12 +298,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def rmsnorm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                  bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                 config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 config: GemvConfig | None = None, rope: GemvRope | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.linear(RMSNorm(x), weight, bias)`` for ``x [1, K]`` in one launch. Returns ``(y,
     residual stream)``: with ``residual``, ``x = residual + x`` first (rounded, exactly as
     ``fused_add_rmsnorm``) and that sum is returned; without it, ``x`` itself. The norm's scale
     is applied to the accumulated sum, not rounded per element: ``y`` agrees with the unfused
-    ops to bf16/fp16 rounding, not bit for bit."""
+    ops to bf16/fp16 rounding, not bit for bit. ``rope``: the first ``rope.rows`` outputs (a qkv
+    projection's q and k) leave rotated, exactly as ``rotary`` would rotate ``y``."""
     k = x.shape[-1]
     if tuple(norm_weight.shape) != (k,) or norm_weight.dtype != x.dtype:
         raise ValueError(f"norm weight must be ({k},) of {x.dtype}, got {tuple(norm_weight.shape)} of {norm_weight.dtype}")
@@ -270,7 +313,7 @@ def rmsnorm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight:
         raise ValueError(f"residual must match x ({tuple(x.shape)}, {x.dtype}), got ({tuple(residual.shape)}, "
                          f"{residual.dtype})")
     y, res_out = _gemv(x, weight, bias, GEMV_RMSNORM if residual is None else GEMV_ADD_RMSNORM, k, residual,
-                       norm_weight.contiguous(), eps, config)
+                       norm_weight.contiguous(), eps, config, rope)
     return y, res_out if res_out is not None else x
 
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed import TPGroup
-from models.fused_ops import (fused_add_rmsnorm, fused_norm_supported, fused_ops_enabled, gemv, gemv_supported,
-                              rmsnorm_gemv, silu_and_mul, silu_mul_gemv)
+from models.fused_ops import (GemvRope, fused_add_rmsnorm, fused_norm_supported, fused_ops_enabled, gemv,
+                              gemv_supported, rmsnorm_gemv, silu_and_mul, silu_mul_gemv)
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -97,13 +97,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return gemv(x, weight, bias) if _takes_gemv(x, weight) else F.linear(x, weight, bias)
 
 
+def takes_norm_gemv(norm: RMSNorm, proj: ColumnParallelLinear, x: torch.Tensor,
+                    residual: torch.Tensor | None = None) -> bool:
+    """Whether ``rmsnorm_and_project`` runs as one GEMV kernel for these inputs."""
+    return (_takes_gemv(x, proj.weight) and norm.weight.dtype == x.dtype
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
+
+
 def rmsnorm_and_project(norm: RMSNorm, proj: ColumnParallelLinear, x: torch.Tensor,
-                        residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        residual: torch.Tensor | None = None, rope: GemvRope | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``proj(norm(x))`` on HF's residual stream: returns ``(projection, residual)``, the residual
-    being ``x`` itself without ``residual``, else ``residual + x``. One kernel on the GEMV path."""
-    if (_takes_gemv(x, proj.weight) and norm.weight.dtype == x.dtype
-            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))):
-        return rmsnorm_gemv(x, norm.weight, norm.eps, proj.weight, proj.bias, residual)
+    being ``x`` itself without ``residual``, else ``residual + x``. One kernel on the GEMV path
+    (``takes_norm_gemv``), which alone takes ``rope`` (the projection's q/k rows leave rotated)."""
+    if takes_norm_gemv(norm, proj, x, residual):
+        return rmsnorm_gemv(x, norm.weight, norm.eps, proj.weight, proj.bias, residual, rope=rope)
+    if rope is not None:
+        raise ValueError("rope is applied in the projection only on the GEMV path (see takes_norm_gemv)")
     if residual is None:
         return proj(norm(x)), x
     h, residual = norm(x, residual)

@@ -12,8 +12,10 @@ from attention.backend import AttentionBackend
 from attention.metadata import AttentionMetadata
 from distributed import TPGroup
 from models.config import ModelConfig
+from models.fused_ops import GemvRope
 from models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
-                           RowParallelLinear, SiluAndMul, VocabParallelEmbedding, rmsnorm_and_project)
+                           RowParallelLinear, SiluAndMul, VocabParallelEmbedding, rmsnorm_and_project,
+                           takes_norm_gemv)
 from models.mrope import MRotaryEmbedding
 from models.rotary import RopeInputs, RotaryEmbedding, apply_rope
 from models.split import TokenwiseSplit
@@ -39,8 +41,17 @@ class LlamaAttention(nn.Module):
         """The token-wise part before attention: q ``[T, Hq, D]``, k and v ``[T, Hk, D]``."""
         return self.split_qkv(self.qkv_proj(h), rope)
 
-    def split_qkv(self, qkv: torch.Tensor, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``qkv_proj``'s output ``[T, q + 2 kv]`` -> q, k, v heads (q/k normed, rotated)."""
+    def gemv_rope(self, rope: RopeInputs) -> GemvRope | None:
+        """The rotation for the qkv GEMV to apply itself (fused path, 1-D positions, no q/k norm
+        between projection and RoPE), else None."""
+        if self.qk_norm or rope.cos is not None or rope.positions.dim() != 1:
+            return None
+        return GemvRope(rope.positions, rope.cos_cache, rope.sin_cache, self.head_dim, self.q_size + self.kv_size)
+
+    def split_qkv(self, qkv: torch.Tensor, rope: RopeInputs, rotated: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``qkv_proj``'s output ``[T, q + 2 kv]`` -> q, k, v heads (q/k normed, rotated unless
+        ``rotated`` says the projection did it)."""
         t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -48,7 +59,8 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, rope)
+        if not rotated:
+            q, k = apply_rope(q, k, rope)
         return q, k, v
 
     def forward(self, h: torch.Tensor, rope: RopeInputs, kv_cache: torch.Tensor | None,
@@ -84,9 +96,10 @@ class LlamaDecoderLayer(nn.Module):
     def before_attention(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token-wise: (q, k, v, residual) for this layer's attention."""
-        attn = self.self_attn
-        qkv, residual = rmsnorm_and_project(self.input_layernorm, attn.qkv_proj, h, residual)
-        return (*attn.split_qkv(qkv, rope), residual)
+        attn, norm = self.self_attn, self.input_layernorm
+        fused_rope = attn.gemv_rope(rope) if takes_norm_gemv(norm, attn.qkv_proj, h, residual) else None
+        qkv, residual = rmsnorm_and_project(norm, attn.qkv_proj, h, residual, fused_rope)
+        return (*attn.split_qkv(qkv, rope, rotated=fused_rope is not None), residual)
 
     def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:

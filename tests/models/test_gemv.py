@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import models.layers
-from models.fused_ops import GemvConfig, fused_ops_mode, gemv, gemv_supported, rmsnorm_gemv, silu_mul_gemv
+import models.rotary
+from models.fused_ops import (GemvConfig, GemvRope, fused_ops_mode, gemv, gemv_supported, rmsnorm_gemv, rotary,
+                              silu_mul_gemv)
 from models.layers import ColumnParallelLinear, RMSNorm, RowParallelLinear, SiluAndMul, rmsnorm_and_project
 from models.loader import load_model
 from tests.models.paged import REF_BACKEND, BlockPool, build_metadata, kv_caches, positions_of
@@ -72,6 +74,51 @@ def test_gemv_matches_float64(device, dtype, prologue, shape):
     assert err <= TOL[dtype] * ref.abs().max().item(), f"max error {err} vs max |y| {ref.abs().max().item()}"
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("head_dim,hq,hk,bias,residual,config", [
+    (16, 4, 2, True, True, None),                       # qwen2-like: bias, 8-row programs
+    (8, 2, 1, False, False, GemvConfig(16, 32, 1, 4)),  # 16 rows asked, 8 fit a head (halved)
+    (32, 2, 2, False, True, GemvConfig(4, 64, 1, 4)),   # 2 pairs a program
+    (2, 3, 1, True, True, None)])                       # one pair a head
+def test_rope_epilogue_equals_gemv_then_rotary(device, head_dim, hq, hk, bias, residual, config):
+    """The qkv GEMV with its RoPE epilogue gives, bit for bit, the GEMV's output rotated by the
+    rotary kernel (q and k heads; v untouched), for any position and a cos/sin table with a row
+    stride of its own."""
+    n, k, dt = (hq + 2 * hk) * head_dim, 64, torch.bfloat16
+    x, res = _rand(1, k, dtype=dt, device=device, seed=4), _rand(1, k, dtype=dt, device=device, seed=5)
+    nw = (1 + 0.3 * _rand(k, dtype=torch.float32, device=device, seed=3)).to(dt)
+    w = _rand(n, k, dtype=dt, device=device, seed=1, scale=k ** -0.5)
+    b = _rand(n, dtype=dt, device=device, seed=2) if bias else None
+    r = res if residual else None
+    angles = torch.arange(40.0)[:, None] * torch.rand(head_dim // 2, generator=torch.Generator().manual_seed(6))
+    table = torch.cat([angles.cos(), angles.sin()], dim=1).to(device)  # cos | sin in one row
+    cos, sin = table[:, :head_dim // 2], table[:, head_dim // 2:]
+    for p in (0, 7, 39):
+        pos = torch.tensor([p], device=device)
+        y, stream = rmsnorm_gemv(x, nw, 1e-5, w, b, r, config)
+        q, kk, v = y.split([hq * head_dim, hk * head_dim, hk * head_dim], dim=-1)
+        qo, ko = rotary(q.view(1, hq, head_dim), kk.view(1, hk, head_dim), pos, cos.contiguous(), sin.contiguous())
+        ref = torch.cat([qo.reshape(1, -1), ko.reshape(1, -1), v], dim=-1)
+        y_rope, stream_rope = rmsnorm_gemv(x, nw, 1e-5, w, b, r, config,
+                                           GemvRope(pos, cos, sin, head_dim, (hq + hk) * head_dim))
+        assert torch.equal(y_rope, ref), f"position {p}: max diff {(y_rope.float() - ref.float()).abs().max()}"
+        assert torch.equal(stream_rope, stream)
+
+
+def test_rope_epilogue_input_checks():
+    x, w = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(48, 64, dtype=torch.bfloat16)
+    nw, cos = torch.ones(64, dtype=torch.bfloat16), torch.zeros(8, 4)
+    pos = torch.zeros(1, dtype=torch.long)
+    for rope, match in ((GemvRope(pos, cos, cos, 7, 16), "even head_dim"),        # odd head_dim
+                        (GemvRope(pos, cos, cos, 8, 52), "rows=52"),              # rows past N
+                        (GemvRope(pos, cos, cos, 8, 12), "rows=12"),              # not whole heads
+                        (GemvRope(torch.zeros(2, dtype=torch.long), cos, cos, 8, 16), "one position"),
+                        (GemvRope(pos, cos.double(), cos, 8, 16), "cos_cache"),
+                        (GemvRope(pos, cos, torch.zeros(8, 3), 8, 16), "sin_cache")):
+        with pytest.raises(ValueError, match=match):
+            rmsnorm_gemv(x, nw, 1e-5, w, rope=rope)
+
+
 def test_input_checks():
     x, w = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(32, 64, dtype=torch.bfloat16)
     assert gemv_supported(x, w)
@@ -92,15 +139,19 @@ def test_input_checks():
         silu_mul_gemv(torch.zeros(1, 63, dtype=torch.bfloat16), w)
 
 
-def _count_calls(monkeypatch) -> dict[str, int]:
+def _count_calls(monkeypatch, rotary_too: bool = False) -> dict[str, int]:
     calls = {"gemv": 0, "rmsnorm_gemv": 0, "silu_mul_gemv": 0}
-    for name in calls:
-        real = getattr(models.layers, name)
+    modules = {name: models.layers for name in calls}
+    if rotary_too:
+        calls["rotary"] = 0
+        modules["rotary"] = models.rotary
+    for name, module in modules.items():
+        real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
             return _real(*args, **kwargs)
-        monkeypatch.setattr(models.layers, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -135,13 +186,15 @@ def test_layers_take_gemv_only_for_one_16bit_row_on_the_fused_path(monkeypatch, 
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("fam", ["llama3", "qwen2"])
+@pytest.mark.parametrize("fam", ["llama3", "qwen2", "qwen3"])
 def test_whole_model_decoding_one_token_matches_unfused(device, fam, hf_model_factory, monkeypatch):
     """One decode row through the paged cache in bf16: every projection takes a GEMV kernel
-    (qwen2: with the qkv bias), and the logits are the unfused path's within bf16 rounding."""
+    (qwen2: with the qkv bias), the qkv GEMV rotates q and k itself unless q/k norms sit
+    between (qwen3: the rotary kernel runs), and the logits are the unfused path's within bf16
+    rounding."""
     model = load_model(hf_model_factory(fam), torch.bfloat16, device, REF_BACKEND)
     cfg = model.config
-    calls = _count_calls(monkeypatch)
+    calls = _count_calls(monkeypatch, rotary_too=True)
     pool = BlockPool(num_blocks=8, block_size=4, seed=1)
     md = _on_device(build_metadata([6], [1], [pool.reserve(0, 7)], 4), device)
     ids = torch.tensor([3], device=device)
@@ -153,6 +206,7 @@ def test_whole_model_decoding_one_token_matches_unfused(device, fam, hf_model_fa
         with fused_ops_mode(mode):
             logits[mode] = model.compute_logits(model(ids, positions, caches, md)).float().cpu()
     n = cfg.num_hidden_layers
-    assert calls == {"gemv": n + 1, "rmsnorm_gemv": 2 * n, "silu_mul_gemv": n}  # o_proj per layer + lm_head
+    # o_proj per layer + lm_head; the rotary kernel only where q/k norms come first
+    assert calls == {"gemv": n + 1, "rmsnorm_gemv": 2 * n, "silu_mul_gemv": n, "rotary": n if cfg.qk_norm else 0}
     err = (logits["on"] - logits["off"]).abs().max().item()
     assert err <= 2 ** -5 * logits["off"].abs().max().item(), err
