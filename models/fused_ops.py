@@ -213,7 +213,8 @@ class GemvConfig(NamedTuple):
 
 class GemvRope(NamedTuple):
     """Neox RoPE for a qkv GEMV to apply to its first ``rows`` outputs (q and k heads of
-    ``head_dim``) at ``positions [1]``, from float32 ``cos/sin_cache [max_pos, head_dim/2]``."""
+    ``head_dim``) at ``positions [1]``, from ``cos/sin_cache [max_pos, head_dim/2]`` (float32 as
+    ``RotaryEmbedding`` keeps them; values are cast to the activations' dtype, as HF does)."""
 
     positions: torch.Tensor
     cos_cache: torch.Tensor
@@ -250,9 +251,9 @@ def _check_rope(rope: GemvRope, n: int) -> None:
     if tuple(rope.positions.shape) != (1,):
         raise ValueError(f"GEMV RoPE takes one position, got positions of shape {tuple(rope.positions.shape)}")
     for name, c in (("cos", rope.cos_cache), ("sin", rope.sin_cache)):
-        if c.dim() != 2 or c.shape[1] != d // 2 or c.dtype != torch.float32 or c.stride(1) != 1:
-            raise ValueError(f"{name}_cache must be float32 [max_pos, {d // 2}] with a unit last stride, "
-                             f"got {tuple(c.shape)} of {c.dtype}")
+        if c.dim() != 2 or c.shape[1] != d // 2 or c.dtype not in _DTYPES or c.stride(1) != 1:
+            raise ValueError(f"{name}_cache must be [max_pos, {d // 2}] of float32/bfloat16/float16 with a unit "
+                             f"last stride, got {tuple(c.shape)} of {c.dtype}")
     if rope.sin_cache.stride(0) != rope.cos_cache.stride(0):
         raise ValueError("cos_cache and sin_cache must have the same row stride")
 
