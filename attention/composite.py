@@ -142,8 +142,9 @@ class CompositeAttentionBackend(AttentionBackend):
             route = "prefill" if shape.prefill_tokens else "decode"
         if route != "split":
             sub = cls.decode_cls if route == "decode" else cls.prefill_cls
-            return dataclasses.replace(md, extra=StepPlan(route, whole=sub.prepare(
-                dataclasses.replace(md, extra=None))))
+            whole = sub.prepare(dataclasses.replace(md, extra=None))
+            return dataclasses.replace(md, extra=StepPlan(route, whole=whole),
+                                       cascade_prefix_len=whole.cascade_prefix_len)
         host = [_rows(md, np.flatnonzero(q_lens == 1), q_lens), _rows(md, np.flatnonzero(q_lens >= 2), q_lens)]
         uploaded = iter(_upload([a for g in host for a in (g.qsl, *(g.indices or ()))], md.seq_lens.device))
         groups = []

@@ -34,6 +34,12 @@ class AttentionMetadata:
     seq_lens_cpu: np.ndarray
     # Backend-owned per-step data, built once per step by ``AttentionBackend.prepare``.
     extra: Any = None
+    # Pure decode: the first ``shared_prefix_len`` keys of every request (before its last one)
+    # lie in the same pages for all of the step's requests (a prompt prefix they share).
+    shared_prefix_len: int = 0
+    # Set by a backend's ``prepare``: the keys it attends once for all requests (cascade), from
+    # the shared prefix; a step with them is not replayed from a decode graph.
+    cascade_prefix_len: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -42,6 +48,19 @@ class AttentionMetadata:
     @property
     def is_pure_decode(self) -> bool:
         return self.max_query_len == 1
+
+
+def shared_prefix_len(block_table: np.ndarray, seq_lens: np.ndarray, block_size: int) -> int:
+    """Keys (whole pages) at the start of every request's sequence, before its last key, that all
+    requests read through the same pages: ``block_table [R, nb]``/``seq_lens [R]`` of the real
+    requests (host). 0 for fewer than two requests."""
+    if len(seq_lens) < 2:
+        return 0
+    pages = (int(seq_lens.min()) - 1) // block_size
+    if pages <= 0 or not (block_table[:, 0] == block_table[0, 0]).all():  # the common case: no sharing
+        return 0
+    same = (block_table[:, :pages] == block_table[0, :pages]).all(axis=0)
+    return (pages if same.all() else int(same.argmin())) * block_size
 
 
 def dummy_prefill(num_tokens: int, block_size: int, device: torch.device) -> AttentionMetadata:

@@ -7,14 +7,18 @@ Launch plan (all decided on the host from shapes and host ints, never from devic
 * otherwise: the decode role for q_len == 1 rows plus the prefill role, query blocks of
   ``BLOCK_Q`` tokens x all query heads of a KV head, for q_len >= 2 rows. Both read the
   same kernel; query blocks are mapped to requests in-kernel (binary search over
-  ``query_start_loc``), so no per-step device metadata is built and ``prepare`` is not
-  needed.
+  ``query_start_loc``), so no per-step device metadata is built (``prepare`` only decides
+  a cascade, below).
 * split-KV when the programs of a launch would not fill the GPU: ``num_splits`` depends only
   on the padded token/request counts, ``md.max_query_len`` (1 for every captured decode
   batch), the head layout and the SM count, so a captured graph and its replays agree.
   Each program derives its own KV segment from the real ``seq_len`` in-kernel (at least
   ``MIN_SPLIT_TOKENS`` keys per segment; surplus splits idle), so the result is right for
   whatever lengths a replay brings; a reduce kernel combines the partial (max, sum, out).
+* cascade (``md.cascade_prefix_len``, pure decode; ``TritonAttentionBackend.prepare`` decides):
+  the keys every request reads through the same pages go through ``cascade_prefix_kernel`` once
+  per 128 query rows into the first partial slots, the decode role starts after them, and the
+  reduce merges both; such a step is launched eagerly, never from a graph.
 * padding is inert: slot -1 is skipped by the KV write, padding tokens' output rows are
   written as zeros (by the kernel, not a host-sized slice), padded request rows do nothing.
 * a prefill block reads its request's cached prefix from the pages and its new tokens from the
@@ -38,6 +42,7 @@ from attention.metadata import AttentionMetadata, dummy_prefill
 from platforms.triton_support import hopper_or_newer
 
 MIN_SPLIT_TOKENS = 64
+CASCADE_MIN_TOKENS = 256  # shared keys from which a cascade is taken when cascades are on
 MAX_SPLITS = 64
 _HEAD_DIMS = (32, 64, 128, 256)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -128,6 +133,22 @@ def choose_num_splits(programs: int, sm_count: int) -> int:
     return max(1, min(MAX_SPLITS, -(-2 * sm_count // max(programs, 1))))
 
 
+def prefix_cascade_plan(dec: TileConfig, g_pad: int, num_reqs: int, num_kv_heads: int, prefix_tiles: int,
+                        head_dim: int, elem_bytes: int, smem: int | None, sm_count: int
+                        ) -> tuple[TileConfig, int, int, int]:
+    """(tile, splits, key tiles per split, key tiles) of ``cascade_prefix_kernel`` for a shared
+    prefix of ``prefix_tiles`` decode tiles: 128 query rows (requests x group heads) a program
+    whatever the batch (one compiled variant per model), the decode tile's keys, and the prefix
+    split over programs until the GPU has about two per SM (at least 4 key tiles each)."""
+    rows = max(g_pad, 128)
+    cfg = fit_shared_memory(TileConfig(rows, max(1, rows // g_pad), dec.block_n, 8 if rows >= 128 else 4, 3),
+                            head_dim, elem_bytes, smem)
+    tiles = prefix_tiles * dec.block_n // cfg.block_n
+    programs = -(-num_reqs // cfg.block_q) * num_kv_heads
+    splits = max(1, min(choose_num_splits(programs, sm_count), tiles // 4, MAX_SPLITS // 2))
+    return cfg, splits, -(-tiles // splits), tiles
+
+
 def fit_shared_memory(cfg: TileConfig, head_dim: int, elem_bytes: int,
                       limit: int | None) -> TileConfig:
     """Shrink stages, then key tiles, then query rows until Q plus the K/V stages fit
@@ -195,7 +216,7 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the step's new K/V rows are read ("rows": pointers, "desc": tensor descriptors; None: descriptors
     on CUDA sm90+, where they map to TMA): for tests and benchmarks.
     """
-    from attention.triton_kernels import split_reduce_kernel, unified_attention_kernel
+    from attention.triton_kernels import cascade_prefix_kernel, split_reduce_kernel, unified_attention_kernel
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1] if kv_cache is None else kv_cache.shape[3]
     q_per_kv = num_heads // num_kv_heads
@@ -229,17 +250,34 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if num_splits is None:
         work = num_reqs_pad if decode_only else -(-num_tokens // pre.block_q) + num_reqs_pad
         num_splits = choose_num_splits(work * num_kv_heads, _sm_count(q.device))
-    split = num_splits > 1
+    # cascade: the decode rows' shared prefix once per group of requests, in partial slots before
+    # the per-request splits (which then start after it); only a pure-decode step over the cache
+    prefix_tiles = md.cascade_prefix_len // dec.block_n if decode_only and has_cache else 0
+    casc = prefix_cascade_plan(dec, g_pad, num_reqs_pad, num_kv_heads, prefix_tiles, head_dim, elem, smem,
+                               _sm_count(q.device)) if prefix_tiles else None
+    prefix_slots = casc[1] if casc else 0
+    num_splits = min(num_splits, MAX_SPLITS - prefix_slots)
+    slots = prefix_slots + num_splits
+    split = slots > 1
     if split:
         f32 = dict(dtype=torch.float32, device=q.device)
-        part_m = torch.empty((num_tokens, num_heads, num_splits), **f32)
+        part_m = torch.empty((num_tokens, num_heads, slots), **f32)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty((num_tokens, num_heads, num_splits, head_dim), **f32)
+        part_acc = torch.empty((num_tokens, num_heads, slots, head_dim), **f32)
     else:
         part_m = part_l = part_acc = out  # unused
     qk_scale = scale * math.log2(math.e)
     dot_prec = "ieee" if q.dtype == torch.float32 else None  # fp32: no tf32 (1e-5 target)
     bt = md.block_table
+    if casc:
+        cfg, _, tiles_per_split, tiles = casc
+        cascade_prefix_kernel[(-(-num_reqs_pad // cfg.block_q), num_kv_heads, prefix_slots)](
+            q, k_src, bt, md.query_start_loc, part_m, part_l, part_acc,
+            num_reqs_pad, tiles, tiles_per_split, qk_scale,
+            q.stride(0), q.stride(1), *kv_strides, num_heads * slots, slots,
+            Q_PER_KV=q_per_kv, G_PAD=g_pad, BLOCK_R=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, DOT_PREC=dot_prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     for cfg, grid0, is_decode in ((dec, grid_dec, True), (pre, grid_pre, False)):
         if cfg is None:
             continue
@@ -250,8 +288,9 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out, q, k_src, kn, vn, bt, md.seq_lens, md.query_start_loc,
             part_m, part_l, part_acc,
             num_tokens, num_reqs_pad, num_splits, max(1, min_split_tokens // cfg.block_n),
+            prefix_tiles if is_decode else 0, prefix_slots if is_decode else 0,
             qk_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides,
-            *new_strides, bt.stride(0), num_heads * num_splits, num_splits,
+            *new_strides, bt.stride(0), num_heads * slots, slots,
             Q_PER_KV=q_per_kv, G_PAD=g_pad, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             IS_DECODE=is_decode, ZERO_PAD=not split and (decode_only or not is_decode),
@@ -259,8 +298,8 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
         split_reduce_kernel[(num_tokens, num_heads)](
-            out, part_m, part_l, part_acc, md.query_start_loc, num_reqs_pad, num_splits,
-            out.stride(0), out.stride(1), num_heads * num_splits, num_splits,
+            out, part_m, part_l, part_acc, md.query_start_loc, num_reqs_pad, slots,
+            out.stride(0), out.stride(1), num_heads * slots, slots,
             HEAD_DIM=head_dim, S_PAD=_pow2(MAX_SPLITS), num_warps=4)  # one variant for every count
     return out
 
@@ -275,6 +314,19 @@ class TritonAttentionBackend(AttentionBackend):
     min_split_tokens: int = MIN_SPLIT_TOKENS
     #: how the new K/V rows are read: "rows", "desc" or None (descriptors on CUDA sm90+)
     new_kv: str | None = None
+    #: cascade attention for pure-decode steps of at least ``cascade_min_reqs`` requests that
+    #: share at least ``cascade_min_tokens`` leading keys (``md.shared_prefix_len``). 0: never,
+    #: the default until its speed is measured on a GPU (``benchmarks/gpu_cascade.py`` turns it on
+    #: at ``CASCADE_MIN_TOKENS``)
+    cascade_min_reqs: int = 8
+    cascade_min_tokens: int = 0
+
+    @classmethod
+    def prepare(cls, md: AttentionMetadata) -> AttentionMetadata:
+        shared = md.shared_prefix_len
+        if cls.cascade_min_tokens and shared >= cls.cascade_min_tokens and md.num_reqs >= cls.cascade_min_reqs:
+            return dataclasses.replace(md, cascade_prefix_len=shared)
+        return md
 
     @classmethod
     def unsupported_reason(cls, device_type: str, dtype: torch.dtype, head_dim: int,

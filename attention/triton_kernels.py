@@ -1,5 +1,5 @@
-"""Triton kernels: unified paged attention (decode rows and prefill chunks), split-KV reduce,
-and the KV-cache write by slot mapping. Launch logic lives in ``attention.triton_attn``.
+"""Triton kernels: unified paged attention (decode rows and prefill chunks), a cascade's shared
+prefix, split-KV reduce, and the KV-cache write by slot mapping. Launch logic lives in ``attention.triton_attn``.
 
 Tile rows pack the query heads of one KV head (GQA): row ``m`` is token ``m // G_PAD`` of the
 tile and query head ``kv_head * Q_PER_KV + m % G_PAD``, so each K/V tile is loaded once per
@@ -89,11 +89,12 @@ def _split_range(split, num_splits, min_tiles_per_split, n_tiles, SPLIT: tl.cons
 
 # block-table and partial strides vary with the step (table width, split count): not specialised,
 # so the variants compiled at start-up are the ones every later step runs
-@triton.jit(do_not_specialize=["num_tokens", "num_reqs_pad", "num_splits", "stride_bt", "stride_pt", "stride_ph"])
+@triton.jit(do_not_specialize=["num_tokens", "num_reqs_pad", "num_splits", "stride_bt", "stride_pt", "stride_ph",
+                               "tile0", "slot0"])
 def unified_attention_kernel(
         out_ptr, q_ptr, k_ptr, kn_ptr, vn_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
         part_m_ptr, part_l_ptr, part_acc_ptr,
-        num_tokens, num_reqs_pad, num_splits, min_tiles_per_split, qk_scale,
+        num_tokens, num_reqs_pad, num_splits, min_tiles_per_split, tile0, slot0, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, kv_delta,
         stride_knt, stride_knh, stride_vnt, stride_vnh,
@@ -108,7 +109,9 @@ def unified_attention_kernel(
     zeroes padding token ``p``). Otherwise programs are query blocks of BLOCK_Q tokens of
     requests with q_len >= 2: request ``r`` owns programs from ``qsl[r] // BLOCK_Q + r``
     (enough for its tokens); index ``num_reqs_pad`` is a virtual request holding the padding
-    tokens, zeroed with ZERO_PAD. SPLIT writes unnormalised partials per KV segment.
+    tokens, zeroed with ZERO_PAD. SPLIT writes unnormalised partials per KV segment, at partial
+    slot ``slot0 + split``; decode rows then start at key tile ``tile0`` (the tiles before it are
+    a cascade's shared prefix, which ``cascade_prefix_kernel`` attends into the slots before).
 
     Keys: ``k_ptr`` is the paged K cache (HAS_CACHE; V's is at element offset ``kv_delta``
     with the same strides), ``kn_ptr``/``vn_ptr`` the step's new K/V rows ``[T, Hk, D]``.
@@ -194,7 +197,8 @@ def unified_attention_kernel(
         q_pos = ctx + tok_in_req
         n_tiles = tl.cdiv(seq_len, BLOCK_N)
         n_full = (ctx + 1) // BLOCK_N  # tiles every row sees whole: no masks
-        lo_t, hi_t = _split_range(split, num_splits, min_tiles_per_split, n_tiles, SPLIT)
+        lo_t, hi_t = _split_range(split, num_splits, min_tiles_per_split, n_tiles - tile0, SPLIT)
+        lo_t, hi_t = lo_t + tile0, hi_t + tile0
         if HAS_CACHE:
             k_base, v_base, s_kt, s_vt = k_ptr + kvh * stride_kh, kv_delta, stride_kt, 0
         else:
@@ -239,7 +243,7 @@ def unified_attention_kernel(
                                 BLOCK_N, BLOCK_SIZE, NEW_KV, True, DOT_PREC)
 
     if SPLIT:
-        pidx = tok * stride_pt + head * stride_ph + split
+        pidx = tok * stride_pt + head * stride_ph + slot0 + split
         tl.store(part_m_ptr + pidx, m_i, mask=row_ok)
         tl.store(part_l_ptr + pidx, l_i, mask=row_ok)
         tl.store(part_acc_ptr + pidx[:, None] * HEAD_DIM + offs_d[None, :], acc,
@@ -248,6 +252,48 @@ def unified_attention_kernel(
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok[:, None] * stride_ot + o_cols, out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["num_reqs_pad", "prefix_tiles", "tiles_per_split", "stride_pt", "stride_ph"])
+def cascade_prefix_kernel(q_ptr, k_ptr, bt_ptr, qsl_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+                          num_reqs_pad, prefix_tiles, tiles_per_split, qk_scale,
+                          stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, kv_delta,
+                          stride_pt, stride_ph,
+                          Q_PER_KV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid ``(cdiv(num_reqs_pad, BLOCK_R), num_kv_heads, prefix splits)``: cascade attention's
+    shared part. Every decode request of the step reads the same pages for its first
+    ``prefix_tiles * BLOCK_N`` keys, so a program takes the query rows of ``BLOCK_R`` requests x
+    the group's heads and attends them over split ``s``'s tiles of that prefix, read once
+    through request 0's block table; it writes unnormalised partials at slot ``s``
+    (``split_reduce_kernel`` merges them with the per-request rest). Rows of requests that do
+    not decode this step (padding) are skipped."""
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    req = tl.program_id(0) * BLOCK_R + offs_m // G_PAD
+    head = kvh * Q_PER_KV + offs_m % G_PAD
+    row_ok = (offs_m % G_PAD < Q_PER_KV) & (req < num_reqs_pad)
+    tok = tl.load(qsl_ptr + req, mask=row_ok, other=0)
+    row_ok = row_ok & (tl.load(qsl_ptr + req + 1, mask=row_ok, other=0) - tok == 1)
+    tok = tok.to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lo = split * tiles_per_split
+    hi = tl.minimum(lo + tiles_per_split, prefix_tiles)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, offs_m, k_ptr + kvh * stride_kh, kv_delta, bt_ptr, 0, 0,
+                            lo, hi, prefix_tiles * BLOCK_N, qk_scale, stride_kb, stride_kt, 0, offs_n, offs_d,
+                            BLOCK_N, BLOCK_SIZE, PAGED, False, DOT_PREC)
+    pidx = tok * stride_pt + head * stride_ph + split
+    tl.store(part_m_ptr + pidx, m_i, mask=row_ok)
+    tl.store(part_l_ptr + pidx, l_i, mask=row_ok)
+    tl.store(part_acc_ptr + pidx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["num_reqs_pad", "num_splits", "stride_pt", "stride_ph"])

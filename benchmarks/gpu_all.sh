@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_all.sh tp           two GPUs: all-reduce latency, TP=1 vs TP=2 (8B), 70B at TP=2
 #   bash benchmarks/gpu_all.sh piecewise    piecewise vs simple graphs: startup, then workloads (8B shape)
 #   bash benchmarks/gpu_all.sh crossover    attention crossovers (writes $OUT/crossovers.json), block sizes
-#   bash benchmarks/gpu_all.sh attention    throughput workloads with triton, flash and auto (one table)
+#   bash benchmarks/gpu_all.sh attention    throughput workloads with triton, flash and auto (one table);
+#                                           the shared-prefix workload with cascade attention off and on
 #   bash benchmarks/gpu_all.sh all          tests and throughput
 # Output goes to $OUT (or ./out) as logs and markdown tables.
 set -uo pipefail
@@ -36,6 +37,7 @@ if [[ $part == crossover ]]; then
 fi
 if [[ $part == attention ]]; then
   python3 benchmarks/gpu_attention_e2e.py "${@:2}" 2>&1 | tee "$OUT/attention_e2e.log" | grep -v "^\s*$"
+  python3 benchmarks/gpu_cascade.py 2>&1 | tee "$OUT/cascade.log" | grep -E "^\||cascade|GPU:"
 fi
 if [[ $part == tp ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/workers/test_tp_gpu.py -s 2>&1 | tee "$OUT/tp_tests.log" | grep -E "bf16|passed|failed"

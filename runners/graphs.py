@@ -34,9 +34,10 @@ class GraphManager:
         return len(self.full) + (len(self.piecewise.graphs) if self.piecewise is not None else 0)
 
     def forward(self, model: torch.nn.Module, step: StepInputs, kv_caches: list[torch.Tensor | None]) -> torch.Tensor:
-        """Hidden states of ``step``: a full graph for a captured pure-decode size, else the
-        piecewise model where the plan says so, else the eager model."""
-        if step.md.is_pure_decode and self.full:
+        """Hidden states of ``step``: a full graph for a captured pure-decode size (not for a
+        cascade step: its launches depend on the shared prefix), else the piecewise model where
+        the plan says so, else the eager model."""
+        if step.md.is_pure_decode and self.full and not step.md.cascade_prefix_len:
             replay = self.full.get(step.input_ids.shape[0])
             if replay is not None:
                 return replay()

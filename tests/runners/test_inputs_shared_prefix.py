@@ -1,0 +1,39 @@
+"""The input builder records the leading pages a pure-decode step's requests share
+(``md.shared_prefix_len``, what cascade attention starts from) for eager steps and for steps
+padded to a captured decode-graph size alike; never for prefill, mixed or dummy steps."""
+import numpy as np
+import pytest
+import torch
+
+from attention.torch_ref import TorchAttentionBackend
+from runners.input_batch import InputBatch
+from runners.inputs import InputBuilder
+from runners.plan import DevicePlan
+from runners.step_buffers import StepBuffers
+
+pytestmark = pytest.mark.cpu
+BS = 16
+
+
+def _builder(plan: DevicePlan) -> tuple[InputBuilder, InputBatch]:
+    batch = InputBatch(8, 256, 16)
+    buffers = StepBuffers(64, 8, 16, torch.device("cpu"), pin_memory=False)
+    return InputBuilder(buffers, batch, TorchAttentionBackend, plan, BS, 256, 16), batch
+
+
+@pytest.mark.parametrize("plan", [DevicePlan(), DevicePlan(decode_graph_sizes=(1, 2, 4, 8))],
+                         ids=["eager", "graph sizes"])
+def test_shared_prefix_of_decode_steps(plan):
+    builder, batch = _builder(plan)
+    shared = [1, 2, 3]  # 48 keys in the same pages for every request
+    rows = np.array([batch.add(list(range(60 + i)), shared + [10 + i], 59 + i) for i in range(3)])
+    ids = ["a", "b", "c"]
+    decode = builder.build(ids, rows, np.ones(3, np.int32))
+    assert decode.md.shared_prefix_len == 48
+    assert builder.build(ids[:1], rows[:1], np.ones(1, np.int32)).md.shared_prefix_len == 0  # one request
+    prefill_row = batch.add(list(range(40)), [1, 2, 7], 0)
+    prefill = builder.build(["p"], np.array([prefill_row]), np.array([40], np.int32))
+    assert prefill.md.shared_prefix_len == 0
+    mixed = builder.build(ids + ["p"], np.append(rows, prefill_row), np.array([1, 1, 1, 40], np.int32))
+    assert mixed.md.shared_prefix_len == 0  # a prefill row in the step: not a decode step
+    assert builder.dummy(3, 3).md.shared_prefix_len == 0
