@@ -43,6 +43,12 @@ class AttentionBackend:
         """Called once per step (not per layer): attach backend-specific data to ``md.extra``."""
         return md
 
+    @classmethod
+    def wants_shared_prefix(cls) -> bool:
+        """Whether ``prepare`` reads ``md.shared_prefix_len`` (else the input builder leaves it 0
+        and spends no host time on it)."""
+        return False
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``. The default writes the new

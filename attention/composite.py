@@ -135,6 +135,10 @@ class CompositeAttentionBackend(AttentionBackend):
         return StepShape(int((q_lens == 1).sum()), int(q_lens[pre].sum()), int(pre.sum())), q_lens
 
     @classmethod
+    def wants_shared_prefix(cls) -> bool:
+        return cls.decode_cls.wants_shared_prefix()  # pure-decode steps take the decode route
+
+    @classmethod
     def prepare(cls, md: AttentionMetadata) -> AttentionMetadata:
         shape, q_lens = cls.step_shape(md)
         route = cls.route_override or choose_route(shape, cls.crossover_here(md.seq_lens.device))

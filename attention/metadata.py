@@ -35,7 +35,8 @@ class AttentionMetadata:
     # Backend-owned per-step data, built once per step by ``AttentionBackend.prepare``.
     extra: Any = None
     # Pure decode: the first ``shared_prefix_len`` keys of every request (before its last one)
-    # lie in the same pages for all of the step's requests (a prompt prefix they share).
+    # lie in the same pages for all of the step's requests (a prompt prefix they share); only
+    # recorded for a backend that ``wants_shared_prefix``.
     shared_prefix_len: int = 0
     # Set by a backend's ``prepare``: the keys it attends once for all requests (cascade), from
     # the shared prefix; a step with them is not replayed from a decode graph.

@@ -141,8 +141,7 @@ def prefix_cascade_plan(dec: TileConfig, g_pad: int, num_reqs: int, num_kv_heads
     whatever the batch (one compiled variant per model), the decode tile's keys, and the prefix
     split over programs until the GPU has about two per SM (at least 4 key tiles each)."""
     rows = max(g_pad, 128)
-    cfg = fit_shared_memory(TileConfig(rows, max(1, rows // g_pad), dec.block_n, 8 if rows >= 128 else 4, 3),
-                            head_dim, elem_bytes, smem)
+    cfg = fit_shared_memory(TileConfig(rows, rows // g_pad, dec.block_n, 8, 3), head_dim, elem_bytes, smem)
     tiles = prefix_tiles * dec.block_n // cfg.block_n
     programs = -(-num_reqs // cfg.block_q) * num_kv_heads
     splits = max(1, min(choose_num_splits(programs, sm_count), tiles // 4, MAX_SPLITS // 2))
@@ -320,6 +319,10 @@ class TritonAttentionBackend(AttentionBackend):
     #: at ``CASCADE_MIN_TOKENS``)
     cascade_min_reqs: int = 8
     cascade_min_tokens: int = 0
+
+    @classmethod
+    def wants_shared_prefix(cls) -> bool:
+        return cls.cascade_min_tokens > 0
 
     @classmethod
     def prepare(cls, md: AttentionMetadata) -> AttentionMetadata:

@@ -103,7 +103,8 @@ class InputBuilder:
             block_table=to("block_table", r_pad * nb, (r_pad, nb)), slot_mapping=to("slot_mapping", n_pad),
             max_query_len=max_q, max_seq_len=max_seq, num_actual_tokens=n, num_reqs=n_reqs,
             query_start_loc_cpu=qsl[:r_pad + 1], seq_lens_cpu=b["seq_lens"][:r_pad],
-            shared_prefix_len=0 if dummy or n != n_reqs else shared_prefix_len(bt[:n_reqs], seq_lens, bs))
+            shared_prefix_len=shared_prefix_len(bt[:n_reqs], seq_lens, bs)
+            if n == n_reqs and not dummy and self.attn_backend.wants_shared_prefix() else 0)
         return StepInputs(to("input_ids", n_pad), to("positions", n_pad), self.attn_backend.prepare(md),
                           to("logits_indices", len(sample_idx)), req_ids, sample_rows, sample_mask)
 

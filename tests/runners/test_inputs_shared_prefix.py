@@ -1,6 +1,7 @@
 """The input builder records the leading pages a pure-decode step's requests share
 (``md.shared_prefix_len``, what cascade attention starts from) for eager steps and for steps
-padded to a captured decode-graph size alike; never for prefill, mixed or dummy steps."""
+padded to a captured decode-graph size alike; never for prefill, mixed or dummy steps, nor for a
+backend that does not read it."""
 import numpy as np
 import pytest
 import torch
@@ -15,10 +16,18 @@ pytestmark = pytest.mark.cpu
 BS = 16
 
 
-def _builder(plan: DevicePlan) -> tuple[InputBuilder, InputBatch]:
+class _Cascading(TorchAttentionBackend):
+    """A backend whose ``prepare`` reads the shared prefix (as Triton's with cascades on)."""
+
+    @classmethod
+    def wants_shared_prefix(cls) -> bool:
+        return True
+
+
+def _builder(plan: DevicePlan, backend=_Cascading) -> tuple[InputBuilder, InputBatch]:
     batch = InputBatch(8, 256, 16)
     buffers = StepBuffers(64, 8, 16, torch.device("cpu"), pin_memory=False)
-    return InputBuilder(buffers, batch, TorchAttentionBackend, plan, BS, 256, 16), batch
+    return InputBuilder(buffers, batch, backend, plan, BS, 256, 16), batch
 
 
 @pytest.mark.parametrize("plan", [DevicePlan(), DevicePlan(decode_graph_sizes=(1, 2, 4, 8))],
@@ -37,3 +46,9 @@ def test_shared_prefix_of_decode_steps(plan):
     mixed = builder.build(ids + ["p"], np.append(rows, prefill_row), np.array([1, 1, 1, 40], np.int32))
     assert mixed.md.shared_prefix_len == 0  # a prefill row in the step: not a decode step
     assert builder.dummy(3, 3).md.shared_prefix_len == 0
+
+
+def test_not_recorded_for_a_backend_that_does_not_read_it():
+    builder, batch = _builder(DevicePlan(), TorchAttentionBackend)
+    rows = np.array([batch.add(list(range(60 + i)), [1, 2, 3, 10 + i], 59 + i) for i in range(3)])
+    assert builder.build(["a", "b", "c"], rows, np.ones(3, np.int32)).md.shared_prefix_len == 0
