@@ -3,7 +3,8 @@
 Run:    python -m pytest benchmarks/bench_scheduler.py --benchmark-columns=median,mean,min,rounds
 Smoke:  python -m pytest benchmarks/bench_scheduler.py --benchmark-disable
 Goals on the 2-core CI machine: one 256-decode step (schedule + update) < 150 us;
-prefix hashing of a 32k-token prompt < 2 ms.
+prefix hashing of a 32k-token prompt < 2 ms; checking 256 token-id prompts of 1088 tokens
+(``normalize_prompts``, what ``LLM.generate`` does first) < 10 ms.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.hashing import extend_block_hashes
 from engine.outputs import ModelRunnerOutput
+from engine.prompts import normalize_prompts
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -82,3 +84,11 @@ def test_bench_prefix_lookup_32k_cached(benchmark) -> None:  # type: ignore[no-u
 
     blocks, hit = benchmark.pedantic(sched.kv.get_computed_blocks, setup=fresh, rounds=100, warmup_rounds=3)
     assert hit == LONG_PROMPT - 16 and len(blocks) == LONG_PROMPT // 16 - 1
+
+
+def test_bench_normalize_token_id_prompts(benchmark) -> None:  # type: ignore[no-untyped-def]
+    """256 prompts of 1088 token ids (the shared-prefix workload's): every id is checked."""
+    rng = random.Random(2)
+    prompts = [[rng.randrange(128000) for _ in range(1088)] for _ in range(256)]
+    out = benchmark.pedantic(normalize_prompts, args=(prompts,), rounds=20, warmup_rounds=2)
+    assert out == prompts and out[0] is not prompts[0]  # copies, never the caller's lists

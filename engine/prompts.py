@@ -74,6 +74,8 @@ def token_ids(prompt: Any, index: int) -> list[int]:
             or getattr(prompt, "ndim", 1) != 1:
         raise TypeError(f"prompt {index}: expected {_ACCEPTED}, got {type(prompt).__name__}")
     ids = list(prompt)
+    if set(map(type, ids)) <= {int}:  # the common case, checked at C speed (bool is its own type)
+        return ids
     for pos, t in enumerate(ids):
         if not _is_token(t):
             raise TypeError(f"prompt {index}: token ids must be integers (not bool), got {t!r} "

@@ -203,7 +203,7 @@ class ModelRunnerBase(ABC):
         step = self._prepare_inputs(scheduler_output)
         if self._last_step is not None and not self._last_step.resolved:
             self.steps_launched_ahead += 1
-            self._last_step.scatter_pending(step)
+            self._last_step.scatter_pending(step, self.buffers)
         hidden = self._forward(step)
         prompt_lp = prompt_logprobs(self, step.req_ids, hidden)  # only where asked (reads back at once)
         n = int(step.sample_mask.sum())  # sample_rows beyond n are padding (static shapes)

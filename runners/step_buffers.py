@@ -30,6 +30,9 @@ class StepBuffers:
             "seq_lens": ((max_reqs,), torch.int32),
             "block_table": ((max_reqs * max_blocks_per_req,), torch.int32),  # viewed [r, nb] per step
             "logits_indices": ((max_reqs,), torch.int64),
+            # ids of the step in flight that this step reads: input_ids[dst] = sampled[src]
+            "pending_dst": ((max_reqs,), torch.int64),
+            "pending_src": ((max_reqs,), torch.int64),
         }
         self.dev: dict[str, torch.Tensor] = {}
         self._sets: list[tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]] = []

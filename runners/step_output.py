@@ -17,6 +17,7 @@ from engine.executor import StepHandle
 from engine.outputs import ModelRunnerOutput, SampleLogprobs
 from runners.inputs import StepInputs
 from runners.request_table import RequestTable
+from runners.step_buffers import StepBuffers
 
 
 class RunnerStep(StepHandle):
@@ -65,23 +66,26 @@ class RunnerStep(StepHandle):
             self._output = ModelRunnerOutput(self.req_ids, sampled, logprobs, self._prompt_logprobs)
         return self._output
 
-    def scatter_pending(self, step: StepInputs) -> None:
+    def scatter_pending(self, step: StepInputs, buffers: StepBuffers) -> None:
         """Put this step's (still unread) ids into ``step``'s input ids, on the device, where
-        ``step`` computes one of their positions."""
+        ``step`` computes one of their positions. The indices go up through ``buffers`` (the
+        step's pinned staging set, asynchronously): a blocking upload would wait for the device
+        to finish the step in flight, which is what launching ahead avoids."""
         if self.resolved:
             return
         if self._pending is None:
             self._pending = {st.req_id: (i, int(p)) for i, (st, p) in enumerate(zip(self.states, self.positions))}
         qsl, lens = step.md.query_start_loc_cpu, step.md.seq_lens_cpu
-        dst, src = [], []
+        dst, src = buffers.np["pending_dst"], buffers.np["pending_src"]
+        k = 0
         for i, rid in enumerate(step.req_ids):
             hit = self._pending.get(rid)
             if hit is None:
                 continue
             start = int(lens[i]) - int(qsl[i + 1] - qsl[i])
             if start <= hit[1] < int(lens[i]):
-                dst.append(int(qsl[i]) + hit[1] - start)
-                src.append(hit[0])
-        if dst:
-            dev = step.input_ids.device
-            step.input_ids[torch.tensor(dst, device=dev)] = self.ids_dev[torch.tensor(src, device=dev)]
+                dst[k] = int(qsl[i]) + hit[1] - start
+                src[k] = hit[0]
+                k += 1
+        if k:
+            step.input_ids[buffers.to_device("pending_dst", k)] = self.ids_dev[buffers.to_device("pending_src", k)]

@@ -92,6 +92,42 @@ def test_async_equals_sync_on_the_gpu(enforce_eager):
     assert [a[:4] for a in asyn] == [s[:4] for s in sync]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_launching_ahead_does_not_wait_for_the_device(enforce_eager):
+    """The step launched while the previous one runs takes that one's ids on the device without
+    waiting for it: with the device held busy (a long sleep kernel queued after step 1), step 2
+    is built, its pending ids scattered and its forward launched while the device is still busy
+    (a read-back or a synchronising upload anywhere on that path would drain the stream first)."""
+    import torch
+
+    from engine.request import Request
+
+    with LLM(device="cuda", dtype="float32", max_model_len=256, async_scheduling=True, enforce_eager=enforce_eager,
+             attention_backend="triton") as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        prompts = [list(range(10 + i, 30 + i)) for i in range(4)]
+        llm.generate(prompts, params, use_tqdm=False)  # first launches load kernels (that may synchronise)
+        sched, runner = llm.scheduler, llm.runner
+        for i, p in enumerate(prompts):
+            sched.add_request(Request(f"r{i}", p, params))
+        so1 = sched.schedule()
+        first = runner.execute_model_async(so1)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # about a second of device time before step 1's ids are read
+        ahead = runner.steps_launched_ahead
+        so2 = sched.schedule()
+        second = runner.execute_model_async(so2)
+        still_busy = not torch.cuda.current_stream().query()
+        assert runner.steps_launched_ahead == ahead + 1  # step 2 took step 1's ids on the device
+        assert still_busy, "launching step 2 waited for the device"
+        out2 = second.result()  # control: reading step 2 back waits out the sleep queued before it
+        assert torch.cuda.current_stream().query()  # (what the check above would see after a wait)
+        sched.update_from_output(so1, first.result())
+        sched.update_from_output(so2, out2)
+        assert all(len(r.output_token_ids) == 2 for r in sched.running)
+
+
 @pytest.mark.parametrize("point", ["first prefill step", "decode", "detokenization"])
 def test_ctrl_c_under_async_scheduling_loses_nothing(point, monkeypatch):
     """Both steps in flight are discarded; the pool is whole and the next call is a fresh object's."""
