@@ -38,8 +38,12 @@ class AttentionMetadata:
     # lie in the same pages for all of the step's requests (a prompt prefix they share); only
     # recorded for a backend that ``wants_shared_prefix``.
     shared_prefix_len: int = 0
+    # The same length on the device (int32 [1], a fixed step buffer): what cascade kernels read,
+    # so that a captured graph serves every prefix. Set when the backend wants the shared prefix.
+    shared_prefix: torch.Tensor | None = None
     # Set by a backend's ``prepare``: the keys it attends once for all requests (cascade), from
-    # the shared prefix; a step with them is not replayed from a decode graph.
+    # the shared prefix; such a step replays a cascade graph of its size (the kernels take the
+    # length from ``shared_prefix``), not the plain decode graph.
     cascade_prefix_len: int = 0
 
     @property

@@ -17,8 +17,10 @@ Launch plan (all decided on the host from shapes and host ints, never from devic
   whatever lengths a replay brings; a reduce kernel combines the partial (max, sum, out).
 * cascade (``md.cascade_prefix_len``, pure decode; ``TritonAttentionBackend.prepare`` decides):
   the keys every request reads through the same pages go through ``cascade_prefix_kernel`` once
-  per 128 query rows into the first partial slots, the decode role starts after them, and the
-  reduce merges both; such a step is launched eagerly, never from a graph.
+  per 128 query rows into partial slots, the decode role starts after them and merges those
+  slots into each row (or, when it splits too, the reduce merges all). Both kernels read the
+  prefix length from ``md.shared_prefix`` on the device and the launches depend only on shapes,
+  so cascade steps replay decode graphs of their own (``cascade_capture_metadata``).
 * padding is inert: slot -1 is skipped by the KV write, padding tokens' output rows are
   written as zeros (by the kernel, not a host-sized slice), padded request rows do nothing.
 * a prefill block reads its request's cached prefix from the pages and its new tokens from the
@@ -133,19 +135,16 @@ def choose_num_splits(programs: int, sm_count: int) -> int:
     return max(1, min(MAX_SPLITS, -(-2 * sm_count // max(programs, 1))))
 
 
-def prefix_cascade_plan(dec: TileConfig, g_pad: int, num_reqs: int, num_kv_heads: int, prefix_tiles: int,
-                        head_dim: int, elem_bytes: int, smem: int | None, sm_count: int
-                        ) -> tuple[TileConfig, int, int, int]:
-    """(tile, splits, key tiles per split, key tiles) of ``cascade_prefix_kernel`` for a shared
-    prefix of ``prefix_tiles`` decode tiles: 128 query rows (requests x group heads) a program
-    whatever the batch (one compiled variant per model), the decode tile's keys, and the prefix
-    split over programs until the GPU has about two per SM (at least 4 key tiles each)."""
+def prefix_cascade_plan(dec: TileConfig, g_pad: int, num_reqs: int, num_kv_heads: int, head_dim: int,
+                        elem_bytes: int, smem: int | None, sm_count: int) -> tuple[TileConfig, int]:
+    """(tile, splits) of ``cascade_prefix_kernel``: 128 query rows (requests x group heads) a
+    program whatever the batch (one compiled variant per model), the decode tile's keys, and the
+    shared prefix split over about one wave of programs. Only shapes decide it (the prefix
+    length is read on the device), so a captured graph's launches fit every prefix."""
     rows = max(g_pad, 128)
     cfg = fit_shared_memory(TileConfig(rows, rows // g_pad, dec.block_n, 8, 3), head_dim, elem_bytes, smem)
-    tiles = prefix_tiles * dec.block_n // cfg.block_n
     programs = -(-num_reqs // cfg.block_q) * num_kv_heads
-    splits = max(1, min(choose_num_splits(programs, sm_count), tiles // 4, MAX_SPLITS // 2))
-    return cfg, splits, -(-tiles // splits), tiles
+    return cfg, max(1, min(sm_count // programs, MAX_SPLITS // 2))
 
 
 def fit_shared_memory(cfg: TileConfig, head_dim: int, elem_bytes: int,
@@ -249,16 +248,19 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if num_splits is None:
         work = num_reqs_pad if decode_only else -(-num_tokens // pre.block_q) + num_reqs_pad
         num_splits = choose_num_splits(work * num_kv_heads, _sm_count(q.device))
-    # cascade: the decode rows' shared prefix once per group of requests, in partial slots before
-    # the per-request splits (which then start after it); only a pure-decode step over the cache
-    prefix_tiles = md.cascade_prefix_len // dec.block_n if decode_only and has_cache else 0
-    casc = prefix_cascade_plan(dec, g_pad, num_reqs_pad, num_kv_heads, prefix_tiles, head_dim, elem, smem,
-                               _sm_count(q.device)) if prefix_tiles else None
+    # cascade: the decode rows' shared prefix once per group of requests, into partial slots
+    # [0, prefix_slots) that the decode rows (which start after the prefix) merge themselves, or,
+    # when they split too, the reduce with theirs; only a pure-decode step over the cache
+    casc = prefix_cascade_plan(dec, g_pad, num_reqs_pad, num_kv_heads, head_dim, elem, smem, _sm_count(q.device)) \
+        if md.cascade_prefix_len and decode_only and has_cache else None
+    if casc and md.shared_prefix is None:
+        raise ValueError("a cascade step (md.cascade_prefix_len > 0) needs md.shared_prefix, the shared "
+                         "prefix length on the device")
     prefix_slots = casc[1] if casc else 0
     num_splits = min(num_splits, MAX_SPLITS - prefix_slots)
-    slots = prefix_slots + num_splits
-    split = slots > 1
-    if split:
+    split = num_splits > 1
+    slots = prefix_slots + (num_splits if split else 0)
+    if slots:
         f32 = dict(dtype=torch.float32, device=q.device)
         part_m = torch.empty((num_tokens, num_heads, slots), **f32)
         part_l = torch.empty_like(part_m)
@@ -268,14 +270,14 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qk_scale = scale * math.log2(math.e)
     dot_prec = "ieee" if q.dtype == torch.float32 else None  # fp32: no tf32 (1e-5 target)
     bt = md.block_table
+    prefix = md.shared_prefix if casc else md.seq_lens  # (unused without a cascade)
     if casc:
-        cfg, _, tiles_per_split, tiles = casc
+        cfg = casc[0]
         cascade_prefix_kernel[(-(-num_reqs_pad // cfg.block_q), num_kv_heads, prefix_slots)](
-            q, k_src, bt, md.query_start_loc, part_m, part_l, part_acc,
-            num_reqs_pad, tiles, tiles_per_split, qk_scale,
-            q.stride(0), q.stride(1), *kv_strides, num_heads * slots, slots,
+            q, k_src, bt, md.query_start_loc, prefix, part_m, part_l, part_acc,
+            num_reqs_pad, qk_scale, q.stride(0), q.stride(1), *kv_strides, num_heads * slots, slots,
             Q_PER_KV=q_per_kv, G_PAD=g_pad, BLOCK_R=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, DOT_PREC=dot_prec,
+            KEY_TILE=dec.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, DOT_PREC=dot_prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     for cfg, grid0, is_decode in ((dec, grid_dec, True), (pre, grid_pre, False)):
         if cfg is None:
@@ -284,16 +286,15 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if use_desc and not (is_decode and has_cache):  # this launch reads the new rows: DESC
             kn, vn, new_kv_mode = _rows_descriptor(k_new, cfg.block_n), _rows_descriptor(v_new, cfg.block_n), 2
         unified_attention_kernel[(grid0, num_kv_heads, num_splits)](
-            out, q, k_src, kn, vn, bt, md.seq_lens, md.query_start_loc,
+            out, q, k_src, kn, vn, bt, md.seq_lens, md.query_start_loc, prefix,
             part_m, part_l, part_acc,
-            num_tokens, num_reqs_pad, num_splits, max(1, min_split_tokens // cfg.block_n),
-            prefix_tiles if is_decode else 0, prefix_slots if is_decode else 0,
+            num_tokens, num_reqs_pad, num_splits, max(1, min_split_tokens // cfg.block_n), prefix_slots,
             qk_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides,
             *new_strides, bt.stride(0), num_heads * slots, slots,
             Q_PER_KV=q_per_kv, G_PAD=g_pad, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             IS_DECODE=is_decode, ZERO_PAD=not split and (decode_only or not is_decode),
-            SPLIT=split, HAS_CACHE=has_cache, NEW_KV=new_kv_mode, DOT_PREC=dot_prec,
+            SPLIT=split, HAS_CACHE=has_cache, NEW_KV=new_kv_mode, CASCADE=bool(casc), DOT_PREC=dot_prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
         split_reduce_kernel[(num_tokens, num_heads)](
@@ -314,15 +315,20 @@ class TritonAttentionBackend(AttentionBackend):
     #: how the new K/V rows are read: "rows", "desc" or None (descriptors on CUDA sm90+)
     new_kv: str | None = None
     #: cascade attention for pure-decode steps of at least ``cascade_min_reqs`` requests that
-    #: share at least ``cascade_min_tokens`` leading keys (``md.shared_prefix_len``). 0: never,
-    #: the default until its speed is measured on a GPU (``benchmarks/gpu_cascade.py`` turns it on
-    #: at ``CASCADE_MIN_TOKENS``)
+    #: share at least ``cascade_min_tokens`` leading keys (``md.shared_prefix_len``); 0: never
+    #: (``benchmarks/gpu_cascade.py`` measures both)
     cascade_min_reqs: int = 8
-    cascade_min_tokens: int = 0
+    cascade_min_tokens: int = CASCADE_MIN_TOKENS
 
     @classmethod
     def wants_shared_prefix(cls) -> bool:
         return cls.cascade_min_tokens > 0
+
+    @classmethod
+    def cascade_capture_metadata(cls, md: AttentionMetadata) -> AttentionMetadata | None:
+        if cls.cascade_min_tokens and md.num_reqs >= cls.cascade_min_reqs:
+            return dataclasses.replace(md, cascade_prefix_len=cls.cascade_min_tokens)
+        return None
 
     @classmethod
     def prepare(cls, md: AttentionMetadata) -> AttentionMetadata:

@@ -90,11 +90,11 @@ def _split_range(split, num_splits, min_tiles_per_split, n_tiles, SPLIT: tl.cons
 # block-table and partial strides vary with the step (table width, split count): not specialised,
 # so the variants compiled at start-up are the ones every later step runs
 @triton.jit(do_not_specialize=["num_tokens", "num_reqs_pad", "num_splits", "stride_bt", "stride_pt", "stride_ph",
-                               "tile0", "slot0"])
+                               "slot0"])
 def unified_attention_kernel(
-        out_ptr, q_ptr, k_ptr, kn_ptr, vn_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+        out_ptr, q_ptr, k_ptr, kn_ptr, vn_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, prefix_ptr,
         part_m_ptr, part_l_ptr, part_acc_ptr,
-        num_tokens, num_reqs_pad, num_splits, min_tiles_per_split, tile0, slot0, qk_scale,
+        num_tokens, num_reqs_pad, num_splits, min_tiles_per_split, slot0, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, kv_delta,
         stride_knt, stride_knh, stride_vnt, stride_vnh,
@@ -102,7 +102,8 @@ def unified_attention_kernel(
         Q_PER_KV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, IS_DECODE: tl.constexpr, ZERO_PAD: tl.constexpr,
-        SPLIT: tl.constexpr, HAS_CACHE: tl.constexpr, NEW_KV: tl.constexpr, DOT_PREC: tl.constexpr):
+        SPLIT: tl.constexpr, HAS_CACHE: tl.constexpr, NEW_KV: tl.constexpr, CASCADE: tl.constexpr,
+        DOT_PREC: tl.constexpr):
     """Grid ``(programs, num_kv_heads, num_splits)``.
 
     IS_DECODE: program ``p`` serves request ``p`` if its q_len is 1 (and, with ZERO_PAD,
@@ -110,8 +111,9 @@ def unified_attention_kernel(
     requests with q_len >= 2: request ``r`` owns programs from ``qsl[r] // BLOCK_Q + r``
     (enough for its tokens); index ``num_reqs_pad`` is a virtual request holding the padding
     tokens, zeroed with ZERO_PAD. SPLIT writes unnormalised partials per KV segment, at partial
-    slot ``slot0 + split``; decode rows then start at key tile ``tile0`` (the tiles before it are
-    a cascade's shared prefix, which ``cascade_prefix_kernel`` attends into the slots before).
+    slot ``slot0 + split``. CASCADE (decode): the first ``prefix_ptr[0] // BLOCK_N`` key tiles are
+    a shared prefix that ``cascade_prefix_kernel`` attended into partial slots ``[0, slot0)``, so
+    rows start after it; without SPLIT each row merges those slots itself before it normalises.
 
     Keys: ``k_ptr`` is the paged K cache (HAS_CACHE; V's is at element offset ``kv_delta``
     with the same strides), ``kn_ptr``/``vn_ptr`` the step's new K/V rows ``[T, Hk, D]``.
@@ -197,6 +199,10 @@ def unified_attention_kernel(
         q_pos = ctx + tok_in_req
         n_tiles = tl.cdiv(seq_len, BLOCK_N)
         n_full = (ctx + 1) // BLOCK_N  # tiles every row sees whole: no masks
+        if CASCADE:  # the device holds the prefix length: one captured graph serves any prefix
+            tile0 = tl.load(prefix_ptr) // BLOCK_N
+        else:
+            tile0 = 0
         lo_t, hi_t = _split_range(split, num_splits, min_tiles_per_split, n_tiles - tile0, SPLIT)
         lo_t, hi_t = lo_t + tile0, hi_t + tile0
         if HAS_CACHE:
@@ -249,26 +255,41 @@ def unified_attention_kernel(
         tl.store(part_acc_ptr + pidx[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=row_ok[:, None])
     else:
+        if CASCADE:  # merge the shared prefix's partials (slots [0, slot0)) into this row's state
+            pbase = tok * stride_pt + head * stride_ph
+            for s in range(0, slot0):
+                m_s = tl.load(part_m_ptr + pbase + s, mask=row_ok, other=float("-inf"))
+                l_s = tl.load(part_l_ptr + pbase + s, mask=row_ok, other=0.0)
+                acc_s = tl.load(part_acc_ptr + (pbase + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                                mask=row_ok[:, None], other=0.0)
+                m_new = tl.maximum(m_i, m_s)
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                a_i = tl.math.exp2(m_i - m_ref)
+                a_s = tl.math.exp2(m_s - m_ref)
+                acc = acc * a_i[:, None] + acc_s * a_s[:, None]
+                l_i = l_i * a_i + l_s * a_s
+                m_i = m_new
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok[:, None] * stride_ot + o_cols, out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["num_reqs_pad", "prefix_tiles", "tiles_per_split", "stride_pt", "stride_ph"])
-def cascade_prefix_kernel(q_ptr, k_ptr, bt_ptr, qsl_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-                          num_reqs_pad, prefix_tiles, tiles_per_split, qk_scale,
+@triton.jit(do_not_specialize=["num_reqs_pad", "stride_pt", "stride_ph"])
+def cascade_prefix_kernel(q_ptr, k_ptr, bt_ptr, qsl_ptr, prefix_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+                          num_reqs_pad, qk_scale,
                           stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, kv_delta,
                           stride_pt, stride_ph,
                           Q_PER_KV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TILE: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Grid ``(cdiv(num_reqs_pad, BLOCK_R), num_kv_heads, prefix splits)``: cascade attention's
     shared part. Every decode request of the step reads the same pages for its first
-    ``prefix_tiles * BLOCK_N`` keys, so a program takes the query rows of ``BLOCK_R`` requests x
-    the group's heads and attends them over split ``s``'s tiles of that prefix, read once
-    through request 0's block table; it writes unnormalised partials at slot ``s``
-    (``split_reduce_kernel`` merges them with the per-request rest). Rows of requests that do
-    not decode this step (padding) are skipped."""
+    ``prefix_ptr[0]`` keys (rounded down to the decode role's ``KEY_TILE``, where its rows
+    start), so a program takes the query rows of ``BLOCK_R`` requests x the group's heads and
+    attends them over split ``s``'s share of those keys' tiles, read once through request 0's
+    block table; it writes unnormalised partials at slot ``s`` (empty splits: no mass), which
+    the decode rows merge. The length is read on the device, so a captured graph serves every
+    prefix. Rows of requests that do not decode this step (padding) are skipped."""
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     offs_m = tl.arange(0, BLOCK_M)
@@ -285,8 +306,10 @@ def cascade_prefix_kernel(q_ptr, k_ptr, bt_ptr, qsl_ptr, part_m_ptr, part_l_ptr,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo = split * tiles_per_split
-    hi = tl.minimum(lo + tiles_per_split, prefix_tiles)
+    prefix_tiles = tl.load(prefix_ptr) // KEY_TILE * (KEY_TILE // BLOCK_N)
+    per = tl.cdiv(prefix_tiles, tl.num_programs(2))
+    lo = split * per
+    hi = tl.minimum(lo + per, prefix_tiles)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, offs_m, k_ptr + kvh * stride_kh, kv_delta, bt_ptr, 0, 0,
                             lo, hi, prefix_tiles * BLOCK_N, qk_scale, stride_kb, stride_kt, 0, offs_n, offs_d,
                             BLOCK_N, BLOCK_SIZE, PAGED, False, DOT_PREC)

@@ -64,7 +64,7 @@ def idle_between_steps(llm, batch: int, out_tokens: int = 256, skip: int = 16) -
 
 
 def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: dict, bw: float,
-        flops: float, tp: int = 1) -> dict:
+        flops: float, tp: int = 1, profile: tuple[str, ...] = ()) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 2048,
@@ -88,6 +88,11 @@ def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: 
                          tokens=[o.outputs[0].token_ids for o in outs[:4]])
         print(f"async={async_scheduling} {name}: {res[name]['total_tps']:,.0f} tok/s total, "
               f"{res[name]['output_tps']:,.0f} out, {res[name]['pct']:.0f}% of floor", flush=True)
+        if name in profile:
+            from benchmarks.profile_run import profile_generate
+            profile_generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True),
+                             f"{name}-async-{'on' if async_scheduling else 'off'}",
+                             reset=llm.scheduler.reset_prefix_cache)
     llm.shutdown()
     return res
 
@@ -97,6 +102,9 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="triton")
     ap.add_argument("--decode-len", type=int, default=512, help="decode-heavy output length")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (GPUs of this host)")
+    ap.add_argument("--profile", default="", help="comma-separated workloads to profile after timing them "
+                    "(device busy and idle gaps, top kernels; host functions to $OUT; see profile_run.py)")
+    ap.add_argument("--modes", default="off,on", help="async_scheduling modes to run")
     args = ap.parse_args()
     workloads = {"decode-heavy": (128, 32, args.decode_len, 0), "mixed": WORKLOADS["mixed"],
                  "shared-prefix": WORKLOADS["shared-prefix"]}
@@ -106,15 +114,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(LLAMA3_8B, f)
-        res = {mode: run(d, mode, args.attention_backend, workloads, bw, flops, args.tp) for mode in (False, True)}
-    same = all(res[True][w]["tokens"] == res[False][w]["tokens"] for w in workloads)
+        modes = [m == "on" for m in args.modes.split(",")]
+        res = {mode: run(d, mode, args.attention_backend, workloads, bw, flops, args.tp,
+                         tuple(filter(None, args.profile.split(",")))) for mode in modes}
+    same = all(res[True][w]["tokens"] == res[False][w]["tokens"] for w in workloads) if len(res) == 2 else "n/a"
     print(f"\nGPU: {args.tp} x {gpu}; copy {bw / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s per GPU; "
-          f"backend {res[False]['backend']}; greedy tokens equal in both modes: {same}\n")
+          f"backend {next(iter(res.values()))['backend']}; greedy tokens equal in both modes: {same}\n")
     print("| async_scheduling | bs=1 tok/s (% of roofline) | decode-heavy total tok/s (% floor) | "
           "mixed out tok/s (% floor) | shared-prefix total tok/s (% floor) |")
     print("|---|---|---|---|---|")
-    for mode in (False, True):
-        r = res[mode]
+    for mode, r in res.items():
         print(f"| {'on' if mode else 'off'} | {r['bs1_tps']:.0f} ({100 * r['bs1_tps'] / roof:.0f}%) | "
               f"{r['decode-heavy']['total_tps']:,.0f} ({r['decode-heavy']['pct']:.0f}%) | "
               f"{r['mixed']['output_tps']:,.0f} ({r['mixed']['pct']:.0f}%) | "
@@ -122,7 +131,7 @@ def main() -> None:
     if args.tp == 1:
         print("\n| async_scheduling | decode batch | wall ms per step | device idle between steps, ms per step |")
         print("|---|---|---|---|")
-        for mode in (False, True):
+        for mode in res:
             for batch in (1, 128):
                 wall, idle = res[mode][f"idle{batch}"]
                 print(f"| {'on' if mode else 'off'} | {batch} | {wall:.2f} | {idle:.3f} |")

@@ -1,6 +1,6 @@
 """Where one step's time goes on a GPU: host vs device, and the top kernels (torch.profiler).
 
-    python benchmarks/gpu_profile_step.py [--batch 128] [--ctx 1024] [--shared 0] [--backend flash] [--top 12]
+    python benchmarks/gpu_profile_step.py [--batch 128] [--ctx 1024] [--shared 0] [--backend flash] [--top 12] [--cascade]
     torchrun --nproc-per-node 2 benchmarks/gpu_profile_step.py --tp 2 ...   # tensor parallel, rank 0 prints
 
 Llama-3-8B-shaped random bf16 weights (as gpu_throughput.py). Times (a) decode steps at ``--batch``
@@ -40,7 +40,13 @@ def main() -> None:
     ap.add_argument("--shared", type=int, default=0, help="tokens of a prefix every prompt shares")
     ap.add_argument("--top", type=int, default=12, help="kernels listed per table")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (> 1: start with torchrun)")
+    ap.add_argument("--cascade", action="store_true", help="Triton cascade attention on (shared prefixes)")
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
+    ap.add_argument("--cprofile", type=int, default=0, help="also list the top N host functions (cProfile)")
     args = ap.parse_args()
+    if args.cascade:
+        from attention.triton_attn import CASCADE_MIN_TOKENS, TritonAttentionBackend
+        TritonAttentionBackend.cascade_min_tokens = CASCADE_MIN_TOKENS
     if int(os.environ.get("RANK", "0")) != 0:  # other ranks run the same steps silently
         global print
         print = lambda *a, **k: None  # noqa: E731
@@ -51,7 +57,7 @@ def main() -> None:
             json.dump(LLAMA3_8B, f)
         llm = LLM(model=d, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 16,
                   max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=args.backend,
-                  tensor_parallel_size=args.tp,
+                  tensor_parallel_size=args.tp, enforce_eager=args.eager,
                   distributed_executor_backend="external_launcher" if args.tp > 1 else None)
     sched, runner = llm.scheduler, llm.runner
     print(f"backend {runner.attn_backend.name}, graphs {sorted(runner.graphs.full)[-3:]}")
@@ -79,6 +85,17 @@ def main() -> None:
         for _ in range(args.steps):
             step()
     gpu, top = kernel_table(prof, args.steps, args.top)
+    if args.cprofile:
+        import cProfile
+        import pstats
+        cp = cProfile.Profile()
+        cp.enable()
+        for _ in range(args.steps):
+            step()
+        cp.disable()
+        for key in ("tottime", "cumulative"):
+            print(f"\n## host functions of {args.steps} decode steps (cProfile, by {key})")
+            pstats.Stats(cp).sort_stats(key).print_stats(args.cprofile)
     print(f"\n## decode, batch {args.batch}, context ~{args.ctx + args.shared}: wall {wall:.2f} ms/step, "
           f"GPU kernels {gpu:.2f} ms/step, not covered {wall - gpu:.2f} ms\n{top}")
     # host-only cost of one step: everything but waiting for the GPU

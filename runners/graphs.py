@@ -27,18 +27,19 @@ class GraphManager:
         self.plan, self.platform, self.buffers = plan, platform, buffers
         self._piece_args = (buffers.max_tokens, hidden_size, dtype, buffers.device)
         self.full: dict[int, Callable[[], torch.Tensor]] = {}  # decode batch size -> replay
+        self.cascade: dict[int, Callable[[], torch.Tensor]] = {}  # the same, for cascade steps
         self.piecewise: PiecewiseModel | None = None
 
     @property
     def num_graphs(self) -> int:
-        return len(self.full) + (len(self.piecewise.graphs) if self.piecewise is not None else 0)
+        return len(self.full) + len(self.cascade) + (len(self.piecewise.graphs) if self.piecewise is not None else 0)
 
     def forward(self, model: torch.nn.Module, step: StepInputs, kv_caches: list[torch.Tensor | None]) -> torch.Tensor:
-        """Hidden states of ``step``: a full graph for a captured pure-decode size (not for a
-        cascade step: its launches depend on the shared prefix), else the piecewise model where
-        the plan says so, else the eager model."""
-        if step.md.is_pure_decode and self.full and not step.md.cascade_prefix_len:
-            replay = self.full.get(step.input_ids.shape[0])
+        """Hidden states of ``step``: a full graph for a captured pure-decode size (a cascade
+        step: the cascade graph of its size), else the piecewise model where the plan says so,
+        else the eager model."""
+        if step.md.is_pure_decode and self.full:
+            replay = (self.cascade if step.md.cascade_prefix_len else self.full).get(step.input_ids.shape[0])
             if replay is not None:
                 return replay()
         if step.mm_embeds is not None:  # image embeddings replace placeholder tokens' (eager)
@@ -58,11 +59,13 @@ class GraphManager:
 
     @torch.inference_mode()
     def capture(self, model: torch.nn.Module, kv_caches: list[torch.Tensor],
-                dummy: Callable[[int, int], StepInputs], warm_up: Callable[[int, int], Any]) -> None:
+                dummy: Callable[..., StepInputs | None], warm_up: Callable[[int, int], Any]) -> None:
         """Capture what the plan asks for: full decode graphs at ``decode_graph_sizes`` (largest
-        first, one memory pool), then the pieces at ``tokenwise_graph_batch_sizes``. ``dummy(t, r)``
-        builds inert inputs of t tokens over r requests in the step buffers; ``warm_up(t, r)``
-        runs such a step (compiles kernels, settles allocations)."""
+        first, one memory pool; beside each, a cascade graph where the attention backend takes
+        cascades at that size), then the pieces at ``tokenwise_graph_batch_sizes``. ``dummy(t, r)``
+        builds inert inputs of t tokens over r requests in the step buffers (``cascade=True``: as
+        a cascade step, or None); ``warm_up(t, r)`` runs such a step (compiles kernels, settles
+        allocations)."""
         platform, pool = self.platform, None
         if self.plan.has_graphs:
             pool = platform.graph_pool_handle()
@@ -70,16 +73,26 @@ class GraphManager:
             warm_up(n, n)
             warm_up(n, n)
             step = dummy(n, n)
-            graph = platform.new_graph()
-            with platform.graph_capture(graph, pool):
-                out = model(step.input_ids, step.positions, kv_caches, step.md)
-            self.full[n] = _Replay(graph, out)
+            self.full[n] = _capture(model, step, kv_caches, platform, pool)
+            step = dummy(n, n, cascade=True)
+            if step is not None:
+                if not self.cascade:  # the first compiles the cascade kernels (no size changes them)
+                    model(step.input_ids, step.positions, kv_caches, step.md)
+                self.cascade[n] = _capture(model, step, kv_caches, platform, pool)
         sizes = self.plan.tokenwise_graph_batch_sizes
         if sizes:  # the pieces read input_ids/positions from the step buffers
             self._pieces(model).capture(list(sizes), self.buffers.dev["input_ids"], self.buffers.dev["positions"],
                                         platform, pool)
         if self.plan.has_graphs:
             platform.synchronize()
+
+
+def _capture(model: torch.nn.Module, step: StepInputs, kv_caches: list[torch.Tensor], platform: Platform,
+             pool: Any) -> "_Replay":
+    graph = platform.new_graph()
+    with platform.graph_capture(graph, pool):
+        out = model(step.input_ids, step.positions, kv_caches, step.md)
+    return _Replay(graph, out)
 
 
 class _Replay:

@@ -7,6 +7,7 @@ inert: slot -1, seq_len 0, null block 0.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,19 +99,30 @@ class InputBuilder:
             sample_rows = np.pad(sample_rows, (0, extra), "edge")
         b["logits_indices"][:len(sample_idx)] = sample_idx
         to = self.buffers.to_device
+        shared, shared_dev = 0, None
+        if self.attn_backend.wants_shared_prefix():
+            if n == n_reqs and not dummy:
+                shared = shared_prefix_len(bt[:n_reqs], seq_lens, bs)
+            b["shared_prefix"][0] = shared
+            shared_dev = to("shared_prefix", 1)
         md = AttentionMetadata(
             query_start_loc=to("query_start_loc", r_pad + 1), seq_lens=to("seq_lens", r_pad),
             block_table=to("block_table", r_pad * nb, (r_pad, nb)), slot_mapping=to("slot_mapping", n_pad),
             max_query_len=max_q, max_seq_len=max_seq, num_actual_tokens=n, num_reqs=n_reqs,
             query_start_loc_cpu=qsl[:r_pad + 1], seq_lens_cpu=b["seq_lens"][:r_pad],
-            shared_prefix_len=shared_prefix_len(bt[:n_reqs], seq_lens, bs)
-            if n == n_reqs and not dummy and self.attn_backend.wants_shared_prefix() else 0)
+            shared_prefix_len=shared, shared_prefix=shared_dev)
         return StepInputs(to("input_ids", n_pad), to("positions", n_pad), self.attn_backend.prepare(md),
                           to("logits_indices", len(sample_idx)), req_ids, sample_rows, sample_mask)
 
-    def dummy(self, num_tokens: int, num_reqs: int) -> StepInputs:
-        """Inputs of ``num_tokens`` tokens spread over ``num_reqs`` fake requests."""
+    def dummy(self, num_tokens: int, num_reqs: int, cascade: bool = False) -> StepInputs | None:
+        """Inputs of ``num_tokens`` tokens spread over ``num_reqs`` fake requests. ``cascade``
+        (pure decode, for graph capture): the same as a cascade step of the backend, sharing no
+        keys on the device - or None where the backend takes no cascade at this size."""
         num_sched = np.full(num_reqs, num_tokens // num_reqs, dtype=np.int32)
         num_sched[: num_tokens % num_reqs] += 1
-        return self.build([f"_dummy{i}" for i in range(num_reqs)], np.zeros(num_reqs, np.int64), num_sched,
+        step = self.build([f"_dummy{i}" for i in range(num_reqs)], np.zeros(num_reqs, np.int64), num_sched,
                           dummy=True)
+        if not cascade:
+            return step
+        md = self.attn_backend.cascade_capture_metadata(step.md) if step.md.shared_prefix is not None else None
+        return None if md is None else dataclasses.replace(step, md=md)

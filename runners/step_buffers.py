@@ -30,6 +30,7 @@ class StepBuffers:
             "seq_lens": ((max_reqs,), torch.int32),
             "block_table": ((max_reqs * max_blocks_per_req,), torch.int32),  # viewed [r, nb] per step
             "logits_indices": ((max_reqs,), torch.int64),
+            "shared_prefix": ((1,), torch.int32),  # md.shared_prefix (cascade attention)
             # ids of the step in flight that this step reads: input_ids[dst] = sampled[src]
             "pending_dst": ((max_reqs,), torch.int64),
             "pending_src": ((max_reqs,), torch.int64),

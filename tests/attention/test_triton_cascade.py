@@ -1,6 +1,8 @@
 """Cascade attention in the Triton backend: decode requests that share their leading pages attend
-that prefix once per group of requests (``cascade_prefix_kernel``) and the rest per request, merged
-by the split reduce. Against the float64 reference and the plain decode path (CPU: interpreter)."""
+that prefix once per group of requests (``cascade_prefix_kernel``) and the rest per request, which
+merges the prefix's partials itself (or, split too, through the reduce). The kernels read the
+prefix length on the device (``md.shared_prefix``), so one launch plan - one captured graph -
+serves every prefix. Against the float64 reference and the plain decode path (CPU: interpreter)."""
 import dataclasses
 import math
 
@@ -25,7 +27,8 @@ def _shared_batch(ctx: list[int], shared_pages: int, block_size: int = 16, **kw)
     bt[:len(ctx), :shared_pages] = bt[0, :shared_pages].clone()
     n = b.md.num_reqs
     shared = shared_prefix_len(bt[:n].cpu().numpy(), b.md.seq_lens_cpu[:n], block_size)
-    return dataclasses.replace(b, md=dataclasses.replace(b.md, shared_prefix_len=shared))
+    dev = torch.tensor([shared], dtype=torch.int32, device=bt.device)
+    return dataclasses.replace(b, md=dataclasses.replace(b.md, shared_prefix_len=shared, shared_prefix=dev))
 
 
 def _count_cascades(mp) -> list[int]:
@@ -69,16 +72,47 @@ def test_cascade_equals_reference_and_plain_decode(monkeypatch, heads, head_dim,
 
 
 @pytest.mark.cpu
-def test_cascade_prefix_split_over_programs(monkeypatch):
-    """A long shared prefix split in several slots (more programs), with the per-request rest."""
+@pytest.mark.parametrize("sm_count", [4, 64])
+def test_cascade_prefix_split_over_programs(monkeypatch, sm_count):
+    """A long shared prefix split over one program (few SMs) or several slots (more SMs), each
+    merged by the decode rows, which attend the per-request rest."""
+    import attention.triton_attn as ta
+    monkeypatch.setattr(ta, "_sm_count", lambda device: sm_count)
     b = _shared_batch([520, 530, 700], 32, seed=5)  # 512 shared keys
     be = _backend(monkeypatch, (8, 2), 64)
     md = be.prepare(b.md)
-    cfg, splits, per, tiles = prefix_cascade_plan(decode_config(4, 64, torch.float32), 4, 3, 2,
-                                                  512 // 32, 64, 4, None, 4)
-    assert splits > 1 and per * splits >= tiles == 512 // cfg.block_n
+    _, splits = prefix_cascade_plan(decode_config(4, 64, torch.float32), 4, 3, 2, 64, 4, None, sm_count)
+    assert splits == (2 if sm_count == 4 else 32)
     ref = dense_reference(b.q, b.k, b.v, b.kv_cache, b.md, 0.125)
     assert rel_err(be(b.q, b.k, b.v, b.kv_cache, md), ref) < 1e-5
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("splits", [None, 3])
+def test_cascade_reads_the_prefix_length_on_the_device(monkeypatch, splits):
+    """What makes a captured cascade graph right for every step: the launches depend only on
+    shapes, and the kernels take the prefix from ``md.shared_prefix`` - whatever length it
+    holds (0: nothing shared) gives the reference attention."""
+    b = _shared_batch([100, 90, 200, 81], 5, seed=6, pad_reqs=1, pad_tokens=1)
+    be = _backend(monkeypatch, (8, 2), 64, splits=splits)
+    md = be.prepare(b.md)
+    assert md.cascade_prefix_len == 80
+    ref = dense_reference(b.q, b.k, b.v, b.kv_cache, b.md, 0.125)
+    n = b.md.num_actual_tokens
+    for keys in (80, 64, 48, 0):  # any whole pages of the shared ones
+        md.shared_prefix.fill_(keys)
+        out = be(b.q, b.k, b.v, b.kv_cache, md)
+        assert rel_err(out[:n], ref[:n]) < 1e-5, keys
+        assert torch.count_nonzero(out[n:]) == 0
+
+
+@pytest.mark.cpu
+def test_cascade_without_the_device_length_is_an_error(monkeypatch):
+    b = _shared_batch([100, 90, 200], 5, seed=1)
+    be = _backend(monkeypatch, (8, 2), 64)
+    md = dataclasses.replace(be.prepare(b.md), shared_prefix=None)
+    with pytest.raises(ValueError, match="md.shared_prefix"):
+        be(b.q, b.k, b.v, b.kv_cache, md)
 
 
 @pytest.mark.cpu
@@ -120,9 +154,9 @@ def test_gpu_cascade_half_precision(monkeypatch, dtype):
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.cpu), pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_engine_decodes_the_same_tokens_with_cascades(monkeypatch, device):
-    """Prompts sharing a prefix, decoded together with the Triton kernels (CPU: the interpreter;
-    CUDA: with decode graphs, which cascade steps bypass): the decode steps take the cascade, and
-    greedy tokens equal those without it."""
+    """Prompts sharing a prefix, decoded together with the Triton kernels (CPU: the interpreter,
+    eager; CUDA: cascade steps replay the cascade decode graphs): the decode steps take the
+    cascade, and greedy tokens equal those without it."""
     from engine import LLM, SamplingParams
     if device != DEVICE:
         pytest.skip(f"needs {device}")
@@ -131,14 +165,20 @@ def test_engine_decodes_the_same_tokens_with_cascades(monkeypatch, device):
     prompts = [prefix + s for s in ("Today", "Yesterday the storm", "At dawn a", "Nobody knew why")]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     tokens = {}
+    prepare = TritonAttentionBackend.prepare.__func__
     for min_tokens in (0, 32):
         monkeypatch.setattr(TritonAttentionBackend, "cascade_min_tokens", min_tokens)
         monkeypatch.setattr(TritonAttentionBackend, "cascade_min_reqs", 2)
-        cascades = _count_cascades(monkeypatch)
+        steps = []  # cascade steps (prepare's decision, whether the step replays a graph or not)
+        monkeypatch.setattr(TritonAttentionBackend, "prepare", classmethod(
+            lambda cls, md: (lambda out: steps.append(out.cascade_prefix_len) or out)(prepare(cls, md))))
         with LLM(device=device, dtype="float32", attention_backend="triton", max_model_len=256, block_size=16) as llm:
             outs = llm.generate(prompts, params, use_tqdm=False)
+            graphs = llm.runner.graphs  # a cascade graph beside every decode graph of >= 2 requests
+            want = [n for n in sorted(graphs.full) if n >= 2] if min_tokens else []
+            assert sorted(graphs.cascade) == want
         tokens[min_tokens] = [o.outputs[0].token_ids for o in outs]
-        assert (len(cascades) > 0) == (min_tokens > 0)
+        assert any(steps) == (min_tokens > 0)
     assert tokens[32] == tokens[0]
 
 
@@ -156,3 +196,8 @@ def test_composite_passes_its_decode_backends_cascade_up(monkeypatch):
     out = TritonTorchComposite(8, 2, 64, 0.125)(b.q, b.k, b.v, b.kv_cache.clone(), md)
     assert cascades == [1]
     assert rel_err(out, be(b.q, b.k, b.v, b.kv_cache.clone(), TritonAttentionBackend.prepare(b.md))) < 1e-6
+    # graph capture: a pure-decode dummy becomes a cascade step of the decode route, inside and out
+    cap = TritonTorchComposite.cascade_capture_metadata(md)
+    assert cap.extra.route == "decode" and cap.cascade_prefix_len == cap.extra.whole.cascade_prefix_len == 32
+    prefill = TritonTorchComposite.prepare(make_batch([5, 7], [20, 30], seed=1).md)
+    assert prefill.extra.route == "prefill" and TritonTorchComposite.cascade_capture_metadata(prefill) is None
