@@ -46,16 +46,12 @@ class AttentionBackend:
     @classmethod
     def wants_shared_prefix(cls) -> bool:
         """Whether ``prepare`` reads ``md.shared_prefix_len`` (else the input builder leaves it 0,
-        ``md.shared_prefix`` None, and spends no host time on them)."""
+        ``md.shared_prefix`` None, and spends no host time on them). Such a ``prepare`` decides a
+        cascade (``md.cascade_prefix_len``) from host ints alone, and the cascade's kernels read
+        the length from ``md.shared_prefix``: graph capture asks ``prepare`` about a dummy step
+        that claims a whole shared prompt on the host and holds 0 on the device, and the graph
+        captured from its answer serves every cascade step of that size."""
         return False
-
-    @classmethod
-    def cascade_capture_metadata(cls, md: AttentionMetadata) -> AttentionMetadata | None:
-        """For graph capture: ``md`` (a prepared dummy pure-decode step, every row a request) as
-        the cascade step this backend's ``prepare`` would make of a step of that size, or None
-        when it never takes one there. The graph captured from it serves every cascade step of
-        that size, so its kernels must read the prefix length from ``md.shared_prefix``."""
-        return None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:

@@ -139,16 +139,6 @@ class CompositeAttentionBackend(AttentionBackend):
         return cls.decode_cls.wants_shared_prefix()  # pure-decode steps take the decode route
 
     @classmethod
-    def cascade_capture_metadata(cls, md: AttentionMetadata) -> AttentionMetadata | None:
-        plan = md.extra
-        whole = cls.decode_cls.cascade_capture_metadata(plan.whole) \
-            if isinstance(plan, StepPlan) and plan.route == "decode" else None
-        if whole is None:
-            return None
-        return dataclasses.replace(md, extra=dataclasses.replace(plan, whole=whole),
-                                   cascade_prefix_len=whole.cascade_prefix_len)
-
-    @classmethod
     def prepare(cls, md: AttentionMetadata) -> AttentionMetadata:
         shape, q_lens = cls.step_shape(md)
         route = cls.route_override or choose_route(shape, cls.crossover_here(md.seq_lens.device))

@@ -20,7 +20,7 @@ Launch plan (all decided on the host from shapes and host ints, never from devic
   per 128 query rows into partial slots, the decode role starts after them and merges those
   slots into each row (or, when it splits too, the reduce merges all). Both kernels read the
   prefix length from ``md.shared_prefix`` on the device and the launches depend only on shapes,
-  so cascade steps replay decode graphs of their own (``cascade_capture_metadata``).
+  so cascade steps replay decode graphs of their own (``InputBuilder.dummy(cascade=True)``).
 * padding is inert: slot -1 is skipped by the KV write, padding tokens' output rows are
   written as zeros (by the kernel, not a host-sized slice), padded request rows do nothing.
 * a prefill block reads its request's cached prefix from the pages and its new tokens from the
@@ -323,12 +323,6 @@ class TritonAttentionBackend(AttentionBackend):
     @classmethod
     def wants_shared_prefix(cls) -> bool:
         return cls.cascade_min_tokens > 0
-
-    @classmethod
-    def cascade_capture_metadata(cls, md: AttentionMetadata) -> AttentionMetadata | None:
-        if cls.cascade_min_tokens and md.num_reqs >= cls.cascade_min_reqs:
-            return dataclasses.replace(md, cascade_prefix_len=cls.cascade_min_tokens)
-        return None
 
     @classmethod
     def prepare(cls, md: AttentionMetadata) -> AttentionMetadata:

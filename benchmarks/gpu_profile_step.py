@@ -87,15 +87,14 @@ def main() -> None:
     gpu, top = kernel_table(prof, args.steps, args.top)
     if args.cprofile:
         import cProfile
-        import pstats
+
+        from benchmarks.profile_run import host_table
         cp = cProfile.Profile()
         cp.enable()
         for _ in range(args.steps):
             step()
         cp.disable()
-        for key in ("tottime", "cumulative"):
-            print(f"\n## host functions of {args.steps} decode steps (cProfile, by {key})")
-            pstats.Stats(cp).sort_stats(key).print_stats(args.cprofile)
+        print(f"\n## host functions of {args.steps} decode steps (cProfile)\n{host_table(cp, args.cprofile)}")
     print(f"\n## decode, batch {args.batch}, context ~{args.ctx + args.shared}: wall {wall:.2f} ms/step, "
           f"GPU kernels {gpu:.2f} ms/step, not covered {wall - gpu:.2f} ms\n{top}")
     # host-only cost of one step: everything but waiting for the GPU

@@ -53,8 +53,13 @@ def profile_generate(llm, prompts: list, params, label: str, reset=None) -> None
     cp.enable()
     llm.generate(prompts, params, use_tqdm=False)
     cp.disable()
+    with open(os.path.join(os.environ.get("OUT", "."), f"{label}_cprofile.txt"), "w") as f:
+        f.write(host_table(cp, 40))
+
+
+def host_table(cp: cProfile.Profile, lines: int) -> str:
+    """The top ``lines`` host functions of a cProfile run, by own time, then by cumulative time."""
     buf = io.StringIO()
     for key in ("tottime", "cumulative"):
-        pstats.Stats(cp, stream=buf).sort_stats(key).print_stats(40)
-    with open(os.path.join(os.environ.get("OUT", "."), f"{label}_cprofile.txt"), "w") as f:
-        f.write(buf.getvalue())
+        pstats.Stats(cp, stream=buf).sort_stats(key).print_stats(lines)
+    return buf.getvalue()

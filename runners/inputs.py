@@ -116,13 +116,16 @@ class InputBuilder:
 
     def dummy(self, num_tokens: int, num_reqs: int, cascade: bool = False) -> StepInputs | None:
         """Inputs of ``num_tokens`` tokens spread over ``num_reqs`` fake requests. ``cascade``
-        (pure decode, for graph capture): the same as a cascade step of the backend, sharing no
-        keys on the device - or None where the backend takes no cascade at this size."""
+        (pure decode, for graph capture): the step as the backend's ``prepare`` takes it when
+        the requests claim to share their whole prompts (host) while the device holds 0 shared
+        keys - None unless that is a cascade step."""
         num_sched = np.full(num_reqs, num_tokens // num_reqs, dtype=np.int32)
         num_sched[: num_tokens % num_reqs] += 1
         step = self.build([f"_dummy{i}" for i in range(num_reqs)], np.zeros(num_reqs, np.int64), num_sched,
                           dummy=True)
         if not cascade:
             return step
-        md = self.attn_backend.cascade_capture_metadata(step.md) if step.md.shared_prefix is not None else None
-        return None if md is None else dataclasses.replace(step, md=md)
+        if step.md.shared_prefix is None:  # the backend takes no cascades
+            return None
+        md = self.attn_backend.prepare(dataclasses.replace(step.md, extra=None, shared_prefix_len=self.max_model_len))
+        return dataclasses.replace(step, md=md) if md.cascade_prefix_len else None

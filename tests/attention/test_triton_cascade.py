@@ -196,8 +196,3 @@ def test_composite_passes_its_decode_backends_cascade_up(monkeypatch):
     out = TritonTorchComposite(8, 2, 64, 0.125)(b.q, b.k, b.v, b.kv_cache.clone(), md)
     assert cascades == [1]
     assert rel_err(out, be(b.q, b.k, b.v, b.kv_cache.clone(), TritonAttentionBackend.prepare(b.md))) < 1e-6
-    # graph capture: a pure-decode dummy becomes a cascade step of the decode route, inside and out
-    cap = TritonTorchComposite.cascade_capture_metadata(md)
-    assert cap.extra.route == "decode" and cap.cascade_prefix_len == cap.extra.whole.cascade_prefix_len == 32
-    prefill = TritonTorchComposite.prepare(make_batch([5, 7], [20, 30], seed=1).md)
-    assert prefill.extra.route == "prefill" and TritonTorchComposite.cascade_capture_metadata(prefill) is None

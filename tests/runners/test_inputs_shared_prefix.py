@@ -20,15 +20,16 @@ BS = 16
 
 class _Cascading(TorchAttentionBackend):
     """A backend whose ``prepare`` reads the shared prefix (as Triton's with cascades on) and
-    that takes cascades from 4 requests."""
+    takes a cascade from 4 requests sharing 16 keys."""
 
     @classmethod
     def wants_shared_prefix(cls) -> bool:
         return True
 
     @classmethod
-    def cascade_capture_metadata(cls, md):
-        return dataclasses.replace(md, cascade_prefix_len=16) if md.num_reqs >= 4 else None
+    def prepare(cls, md):
+        cascade = md.num_reqs >= 4 and md.shared_prefix_len >= 16
+        return dataclasses.replace(md, cascade_prefix_len=16) if cascade else md
 
 
 def _builder(plan: DevicePlan, backend=_Cascading) -> tuple[InputBuilder, InputBatch]:
@@ -58,8 +59,9 @@ def test_shared_prefix_of_decode_steps(plan):
 
 
 def test_cascade_capture_dummy():
-    """Graph capture's cascade dummy: the backend's cascade step of that size over no shared keys
-    on the device (what the kernels read), or None where the backend takes no cascade."""
+    """Graph capture's cascade dummy: the step ``prepare`` makes a cascade of when its requests
+    claim a shared prompt, over no shared keys on the device (what the kernels read), or None
+    where the backend takes no cascade."""
     builder, _ = _builder(DevicePlan(decode_graph_sizes=(1, 2, 4, 8)))
     step = builder.dummy(4, 4, cascade=True)
     assert step.md.cascade_prefix_len == 16 and step.md.shared_prefix.tolist() == [0]
@@ -73,3 +75,19 @@ def test_not_recorded_for_a_backend_that_does_not_read_it():
     rows = np.array([batch.add(list(range(60 + i)), [1, 2, 3, 10 + i], 59 + i) for i in range(3)])
     md = builder.build(["a", "b", "c"], rows, np.ones(3, np.int32)).md
     assert md.shared_prefix_len == 0 and md.shared_prefix is None
+
+
+@pytest.mark.parametrize("composite", [False, True], ids=["triton", "composite"])
+def test_cascade_capture_dummy_of_the_triton_backend(composite):
+    """Triton's own ``prepare`` (directly, or through the composite's decode route) makes the
+    capture dummy a cascade step from ``cascade_min_reqs`` requests on."""
+    from attention.triton_attn import TritonAttentionBackend
+    from tests.attention.composite_backends import TritonTorchComposite
+
+    backend = TritonTorchComposite if composite else TritonAttentionBackend
+    builder, _ = _builder(DevicePlan(decode_graph_sizes=(1, 2, 4, 8)), backend)
+    step = builder.dummy(8, 8, cascade=True)
+    assert step.md.cascade_prefix_len > 0 and step.md.shared_prefix.tolist() == [0]
+    if composite:
+        assert step.md.extra.route == "decode" and step.md.extra.whole.cascade_prefix_len > 0
+    assert builder.dummy(4, 4, cascade=True) is None  # below cascade_min_reqs (8)
