@@ -40,7 +40,7 @@ if [[ $part == attention ]]; then
   python3 benchmarks/gpu_cascade.py 2>&1 | tee "$OUT/cascade.log" | grep -E "^\||cascade|GPU:"
 fi
 if [[ $part == tp ]]; then
-  python3 -m pytest -q -p no:cacheprovider tests/workers/test_tp_gpu.py -s 2>&1 | tee "$OUT/tp_tests.log" | grep -E "bf16|passed|failed"
+  python3 -m pytest -q -p no:cacheprovider tests/distributed/test_one_shot_gpu.py tests/workers/test_tp_gpu.py -s 2>&1 | tee "$OUT/tp_tests.log" | grep -E "bf16|passed|failed"
   python3 benchmarks/gpu_tp.py allreduce 2>&1 | tee "$OUT/tp_allreduce.log" | grep "|"
   python3 benchmarks/gpu_tp.py 8b 2>&1 | tee "$OUT/tp_8b.log" | grep -v -i warn | tail -14
   python3 benchmarks/gpu_tp.py 70b 2>&1 | tee "$OUT/tp_70b.log" | grep -v -i warn | tail -8

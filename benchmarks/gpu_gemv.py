@@ -1,6 +1,6 @@
 """Batch-1 projections: the GEMV kernels (with the op before each fused in) vs the unfused path.
 
-    python benchmarks/gpu_gemv.py [--search] [--e2e]
+    python benchmarks/gpu_gemv.py [--search] [--e2e] [--tp N]
 
 Llama-3-8B shapes, bf16, one row. For each projection: the unfused path (the fused elementwise
 kernel, then cuBLAS through ``F.linear``; for qkv then the rotary kernel) against one GEMV kernel
@@ -10,6 +10,8 @@ microseconds per call and the weight's read bandwidth. Timing: one CUDA graph of
 enough distinct weight copies (>= 400 MB) that the weights come from HBM, not L2.
 "PDL off": with env RUNNERS_PDL=0, no programmatic dependent launch (consecutive calls do not
 overlap).
+``--tp N``: one rank's shard of each projection under N-way tensor parallelism (qkv, gate_up and
+lm_head keep 1/N of their rows, o_proj and down 1/N of their columns; no --e2e).
 ``--search`` also times a grid of launch configs per projection and prints the best three
 (``models.fused_ops.gemv_config`` comes from it). ``--e2e`` also times batch-1 decode of the
 whole 8B-shaped model (random weights, Triton attention, graphs, async scheduling) without the
@@ -59,20 +61,22 @@ def graph_us(fn: Callable[[int], object], copies: int, reps: int = 10) -> float:
     return start.elapsed_time(end) * 1e3 / reps / copies
 
 
-def _calls(prologue: str | None, k: int, ws: list[torch.Tensor], nw: torch.Tensor):
+def _calls(prologue: str | None, k: int, ws: list[torch.Tensor], nw: torch.Tensor, tp: int = 1):
     """(unfused fn, GEMV fn taking a config) on weight copy i; both return the projection."""
     g = torch.Generator(device="cpu").manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16).to(DEVICE)  # noqa: E731
-    if prologue == "add_rmsnorm+rope":  # Llama-3-8B: 32 q, 8 kv heads of 128
+    if prologue == "add_rmsnorm+rope":  # Llama-3-8B: 32 q, 8 kv heads of 128 (1/tp of them on a rank)
+        qh, kvh = 32 // tp, 8 // tp
         x, res = rand(1, k), rand(1, k)
         pos = torch.tensor([100], device=DEVICE)
         angles = torch.arange(4096.0)[:, None] * (500000.0 ** (-torch.arange(0, 128, 2) / 128))[None, :]
         cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
-        rope = GemvRope(pos, cos, sin, 128, 40 * 128)
+        rope = GemvRope(pos, cos, sin, 128, (qh + kvh) * 128)
 
         def unfused_qkv(i: int) -> torch.Tensor:
             qkv = F.linear(fused_add_rmsnorm(x, nw, 1e-5, res)[0], ws[i])
-            return rotary(qkv[:, :4096].view(1, 32, 128), qkv[:, 4096:5120].view(1, 8, 128), pos, cos, sin)
+            q, kv = qh * 128, (qh + kvh) * 128
+            return rotary(qkv[:, :q].view(1, qh, 128), qkv[:, q:kv].view(1, kvh, 128), pos, cos, sin)
         return unfused_qkv, lambda i, c=None: rmsnorm_gemv(x, nw, 1e-5, ws[i], None, res, config=c, rope=rope)[0]
     if prologue == "add_rmsnorm":
         x, res = rand(1, k), rand(1, k)
@@ -134,18 +138,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--search", action="store_true")
     ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--tp", type=int, default=1, help="time one rank's shard under N-way tensor parallelism")
     args = ap.parse_args()
+    shapes = {name: (n // args.tp, k, pro) if name in ("qkv", "gate_up", "lm_head") else (n, k // args.tp, pro)
+              for name, (n, k, pro) in SHAPES.items()}
     gpu = torch.cuda.get_device_name()
     lines = [f"Batch-1 projections: GEMV kernel vs unfused (elementwise kernel + cuBLAS), {gpu}, bf16, "
-             "weights from HBM", "",
+             f"weights from HBM{f', one rank of TP={args.tp}' if args.tp > 1 else ''}", "",
              "| projection [N x K] | prologue | unfused us | GEMV, PDL off us | GEMV us | speedup | GEMV weight TB/s |",
              "|---|---|---|---|---|---|---|"]
     found = ["", "Search (best three of the grid; default = gemv_config's choice):", ""]
-    for name, (n, k, prologue) in SHAPES.items():
+    for name, (n, k, prologue) in shapes.items():
         copies = max(2, int(400e6 // (n * k * 2)))
         ws = [torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) * 0.02 for _ in range(copies)]
         nw = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(torch.bfloat16)
-        unfused, fused = _calls(prologue, k, ws, nw)
+        unfused, fused = _calls(prologue, k, ws, nw, args.tp)
         ref = unfused(0)
         if isinstance(ref, tuple):  # qkv: the rotated q and k
             ref = torch.cat([r.reshape(1, -1) for r in ref], -1)
@@ -172,7 +179,7 @@ def main() -> None:
             print(found[-1], flush=True)
         del ws
         torch.cuda.empty_cache()
-    if args.e2e:
+    if args.e2e and args.tp == 1:
         with variant(use_gemv=False):
             off = decode_bs1()
         with variant(pdl=False):
@@ -182,7 +189,7 @@ def main() -> None:
                       f"with them {on:.1f} tok/s ({on / off:.2f}x; without programmatic dependent launch "
                       f"{no_pdl:.1f})"]
         print(lines[-1], flush=True)
-    publish("\n".join(lines + (found if args.search else [])), "gemv.md")
+    publish("\n".join(lines + (found if args.search else [])), "gemv.md" if args.tp == 1 else f"gemv_tp{args.tp}.md")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from platforms.symm_mem import SymmMemAllReduce
+from platforms.symm_mem import DEFAULT_MAX_BYTES, OneShotAllReduce
 from platforms.interface import AcceleratorPlatform
 
 
@@ -52,18 +52,24 @@ class CudaPlatform(AcceleratorPlatform):
         return "nccl"  # RCCL under the same name on ROCm
 
     def small_all_reduce(self, group: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        """Symmetric-memory all-reduce for messages up to ``RUNNERS_SYMM_MEM_MAX_BYTES`` (unset or
-        0: off, NCCL for every size). Off by default: on 2 x H200 it beat NCCL per call in a graph
-        of back-to-back all-reduces, yet bs=1 decode of the 8B shape ran faster with NCCL alone
-        (244 vs 230 tok/s; benchmarks/gpu_tp.py 8b)."""
-        max_bytes = int(os.environ.get("RUNNERS_SYMM_MEM_MAX_BYTES", "0") or 0)
-        if max_bytes <= 0 or torch.version.hip is not None:
+        """The one-shot symmetric-memory all-reduce (``platforms.symm_mem.OneShotAllReduce``) for
+        messages up to env ``RUNNERS_SYMM_MEM_MAX_BYTES`` (default 8 MiB; 0: NCCL for every size).
+        Collective: every rank calls it, and all keep NCCL unless every rank could set it up."""
+        max_bytes = int(os.environ.get("RUNNERS_SYMM_MEM_MAX_BYTES", DEFAULT_MAX_BYTES) or 0)
+        if max_bytes <= 0 or torch.version.hip is not None or dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return None
+        fast, error = None, None
         try:
-            return SymmMemAllReduce(group, device, dtype, max_bytes)
+            fast = OneShotAllReduce.from_group(group, device, dtype, max_bytes)
         except Exception as e:  # noqa: BLE001 - any failure here only costs speed: keep NCCL
-            warnings.warn(f"symmetric-memory all-reduce unavailable, using NCCL for all sizes: {e}")
+            error = e
+        ok = torch.tensor([fast is not None], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=group)
+        if not ok.item():
+            warnings.warn(f"one-shot all-reduce unavailable on {'this' if error else 'another'} rank, "
+                          f"using NCCL for all sizes{f': {error}' if error else ''}")
             return None
+        return fast
 
     def graph_pool_handle(self) -> Any:
         return torch.cuda.graph_pool_handle()

@@ -1,17 +1,82 @@
 """Small all-reduces through PyTorch symmetric memory (CUDA peers over NVLink/P2P).
 
-Every rank copies its tensor into a buffer that all peers can address, and
-``two_shot_all_reduce_`` (reduce-scatter + all-gather through peer loads, with barriers
-on both ends) sums it in place; the result is copied out. NVLink multicast (``multimem``)
-is never used. The buffer has a fixed address, so this works inside CUDA graphs.
+``OneShotAllReduce`` (the default on CUDA): one Triton kernel per all-reduce that pushes this
+rank's tensor into every peer's buffer and sums what the peers pushed into its own, with no
+barrier (``platforms.one_shot_kernels``). ``SymmMemAllReduce``: PyTorch's own
+``two_shot_all_reduce_`` (reduce-scatter + all-gather through peer loads, barriers on both ends)
+on a copy of the tensor. NVLink multicast (``multimem``) is never used. Both buffers have fixed
+addresses, so both work inside CUDA graphs.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-DEFAULT_MAX_BYTES = 8 << 20  # the buffer when enabled: up to here it beat NCCL per call on 2 x H200
+DEFAULT_MAX_BYTES = 8 << 20  # one-shot up to here, NCCL past it (env RUNNERS_SYMM_MEM_MAX_BYTES)
+
+
+def _group_name(group: Any) -> str:
+    return (group or torch.distributed.group.WORLD).group_name
+
+
+class OneShotAllReduce:
+    """Sums contiguous tensors of ``dtype`` up to ``max_bytes`` over the group in one launch.
+
+    ``peer_buffers``: the address of every rank's buffer (rank order) of ``2 x world x max_elems``
+    elements, each filled with ``-0.0`` before any rank's first call; ``keep`` holds whatever
+    owns them. ``from_group`` allocates them in symmetric memory; tests pass host buffers."""
+
+    BLOCK = 1024  # elements per program; fixed, since each program counts its own calls
+
+    def __init__(self, rank: int, peer_buffers: Sequence[int], device: torch.device, dtype: torch.dtype,
+                 max_bytes: int, keep: Any = None) -> None:
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"one-shot all-reduce sums bfloat16, float16 or float32, not {dtype}")
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.rank, self.world = rank, len(peer_buffers)
+        self.dtype, self.max_bytes, self.device, self.keep = dtype, max_bytes, device, keep
+        self.max_elems = -(-max_bytes // elem // self.BLOCK) * self.BLOCK
+        self.peers = torch.tensor(list(peer_buffers), dtype=torch.int64, device=device)
+        self.counters = torch.zeros(self.max_elems // self.BLOCK, dtype=torch.int32, device=device)
+        self.sentinel = -(1 << (8 * elem - 1))  # -0.0's bits as a signed integer
+
+    @classmethod
+    def buffer_elems(cls, world: int, dtype: torch.dtype, max_bytes: int) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * world * (-(-max_bytes // elem // cls.BLOCK) * cls.BLOCK)
+
+    @classmethod
+    def from_group(cls, group: Any, device: torch.device, dtype: torch.dtype,
+                   max_bytes: int = DEFAULT_MAX_BYTES) -> "OneShotAllReduce":
+        """Collective: every rank of ``group`` calls it. Raises if the installed torch or the
+        devices cannot share memory (the caller then keeps NCCL)."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        world = torch.distributed.get_world_size(group)
+        buf = symm_mem.empty(cls.buffer_elems(world, dtype, max_bytes), dtype=dtype, device=device)
+        buf.fill_(-0.0)
+        handle = symm_mem.rendezvous(buf, _group_name(group))
+        if handle is None:
+            raise RuntimeError("symmetric-memory rendezvous returned no handle")
+        torch.accelerator.synchronize(device)
+        torch.distributed.barrier(group)  # every buffer holds the sentinel before anyone pushes
+        return cls(handle.rank, list(handle.buffer_ptrs), device, dtype, max_bytes, keep=(buf, handle))
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.dtype and x.numel() <= self.max_elems and x.is_contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from platforms.one_shot_kernels import one_shot_all_reduce_kernel
+        from platforms.triton_support import launch_pdl
+
+        n = x.numel()
+        pdl = launch_pdl(x.device)
+        one_shot_all_reduce_kernel[(-(-n // self.BLOCK),)](
+            x, x, self.peers, self.counters, n, self.max_elems, RANK=self.rank, WORLD=self.world,
+            BLOCK=self.BLOCK, SENTINEL=self.sentinel, PDL=pdl, num_warps=4,
+            **({"launch_pdl": True} if pdl else {}))
+        return x
 
 
 class SymmMemAllReduce:
@@ -23,7 +88,7 @@ class SymmMemAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.dtype, self.max_bytes = dtype, max_bytes
-        self.group_name = (group or torch.distributed.group.WORLD).group_name
+        self.group_name = _group_name(group)
         elem = torch.empty((), dtype=dtype).element_size()
         self.buffer = symm_mem.empty(max_bytes // elem, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, self.group_name)

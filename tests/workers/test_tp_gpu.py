@@ -1,5 +1,5 @@
-"""Tensor parallelism on two GPUs: CUDA graphs capture the all-reduces (NCCL, or symmetric memory
-for small messages when enabled) and TP=2 gives TP=1's tokens, with async scheduling (auto on
+"""Tensor parallelism on two GPUs: CUDA graphs capture the all-reduces (the one-shot kernel through
+symmetric memory for small messages by default, or NCCL for all) and TP=2 gives TP=1's tokens, with async scheduling (auto on
 CUDA) overlapping steps in the worker processes."""
 import pytest
 import torch
@@ -11,10 +11,10 @@ pytestmark = [pytest.mark.gpu,
                                  reason="needs two CUDA GPUs")]
 
 
-@pytest.mark.parametrize("dtype,symm_mem", [("float32", False), ("float32", True), ("bfloat16", False)])
-def test_two_gpus_match_one_with_graphs(dtype, symm_mem, monkeypatch):
-    if symm_mem:  # small all-reduces through symmetric memory instead of NCCL (the workers inherit it)
-        monkeypatch.setenv("RUNNERS_SYMM_MEM_MAX_BYTES", str(8 << 20))
+@pytest.mark.parametrize("dtype,one_shot", [("float32", True), ("float32", False), ("bfloat16", True)])
+def test_two_gpus_match_one_with_graphs(dtype, one_shot, monkeypatch):
+    # the one-shot kernel up to 8 MiB, or NCCL for every all-reduce (the workers inherit it)
+    monkeypatch.setenv("RUNNERS_SYMM_MEM_MAX_BYTES", str(8 << 20) if one_shot else "0")
     args = dict(device="cuda", dtype=dtype, max_model_len=512, max_num_seqs=64, max_num_batched_tokens=256,
                 attention_backend="triton")
     prompts = [[(7 * i + j) % 300 + 1 for j in range(5 + 9 * i)] for i in range(40)]  # decode batches pad to 40
@@ -23,7 +23,7 @@ def test_two_gpus_match_one_with_graphs(dtype, symm_mem, monkeypatch):
         ref = one.generate(prompts, params, use_tqdm=False)
     with LLM(tensor_parallel_size=2, **args) as two:
         assert two.info.num_graphs > 0, "decode graphs (with their all-reduces) were captured"
-        assert two.info.all_reduce == ("SymmMemAllReduce up to 8 MiB, then nccl" if symm_mem else "nccl")
+        assert two.info.all_reduce == ("OneShotAllReduce up to 8 MiB, then nccl" if one_shot else "nccl")
         got = two.generate(prompts, params, use_tqdm=False)
         assert two.config.async_scheduling and min(two.executor._call("steps_launched_ahead")) > 0
     tokens = [o.outputs[0].token_ids for o in got]
