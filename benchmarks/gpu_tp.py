@@ -4,6 +4,8 @@ Llama-3-8B shape, and a Llama-3-70B shape that needs two H200s.
     python benchmarks/gpu_tp.py allreduce   # NCCL vs symmetric memory, eager and in CUDA graphs
     python benchmarks/gpu_tp.py 8b          # greedy TP=2 == TP=1, bs=1 decode at TP=1/2, mixed at TP=2
     python benchmarks/gpu_tp.py 70b         # startup, KV blocks, bs=1 vs roofline, mixed at TP=2
+    python benchmarks/gpu_tp.py profile     # where a bs=1 decode step's time goes at TP=2 (rank 0's
+                                            # kernels, one-shot vs NCCL all-reduces)
 
 Random bf16 weights (``load_format="dummy"``: the same model at every TP size). Prints markdown
 tables; with OUT set also writes $OUT/tp_<part>.json. Keep NCCL_NVLS_ENABLE=0,
@@ -235,14 +237,60 @@ def part_engine(which: str, backend: str | None) -> dict:
     return res
 
 
+# --- profile -----------------------------------------------------------------------------------
+def _profile_rank(rank: int, world: int, port: int, model_dir: str, all_reduce_bytes: str) -> None:
+    """One torchrun-style rank (external launcher): every rank runs the engine in-process, so
+    rank 0's torch.profiler sees its kernels."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), RUNNERS_SYMM_MEM_MAX_BYTES=all_reduce_bytes)
+    from benchmarks.profile_run import profile_generate
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096,
+              max_num_seqs=16, attention_backend="triton", tensor_parallel_size=world,
+              distributed_executor_backend="external_launcher")
+    out = 128
+    tps = _bs1(llm, out)
+    if rank == 0:
+        print(f"\n### TP={world}, all-reduce: {llm.info.all_reduce}; bs=1 decode {tps:.0f} tok/s "
+              f"({1e3 / tps:.2f} ms per token); kernel totals below are over {out} tokens", flush=True)
+    prompt = make_prompts("bs1", 1, 32, 0)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=out, ignore_eos=True)
+    if rank == 0:
+        profile_generate(llm, [prompt], params, f"tp{world}-bs1-{'nccl' if all_reduce_bytes == '0' else 'one-shot'}")
+    else:  # the same steps as rank 0 (its collectives need them), unprofiled
+        llm.generate([prompt], params, use_tqdm=False)
+        llm.generate([prompt], params, use_tqdm=False)
+    llm.shutdown()
+
+
+def part_profile() -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(LLAMA3_8B, f)
+        for all_reduce_bytes in (str(8 << 20), "0"):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            mp.start_processes(_profile_rank, args=(2, port, d, all_reduce_bytes), nprocs=2, start_method="spawn")
+    return {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["allreduce", "8b", "70b"])
+    ap.add_argument("part", choices=["allreduce", "8b", "70b", "profile"])
     ap.add_argument("--attention-backend", default="triton")
     args = ap.parse_args()
     for var in ("NCCL_NVLS_ENABLE", "NVSHMEM_DISABLE_NVLS"):
         os.environ.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    if args.part == "profile":
+        part_profile()
+        return
     res = part_allreduce() if args.part == "allreduce" else part_engine(args.part, args.attention_backend)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"tp_{args.part}.json"), "w") as f:

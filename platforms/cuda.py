@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from platforms.symm_mem import DEFAULT_MAX_BYTES, OneShotAllReduce
+from platforms.symm_mem import OneShotAllReduce
 from platforms.interface import AcceleratorPlatform
 
 
@@ -53,9 +53,11 @@ class CudaPlatform(AcceleratorPlatform):
 
     def small_all_reduce(self, group: Any, device: torch.device, dtype: torch.dtype) -> Any:
         """The one-shot symmetric-memory all-reduce (``platforms.symm_mem.OneShotAllReduce``) for
-        messages up to env ``RUNNERS_SYMM_MEM_MAX_BYTES`` (default 8 MiB; 0: NCCL for every size).
-        Collective: every rank calls it, and all keep NCCL unless every rank could set it up."""
-        max_bytes = int(os.environ.get("RUNNERS_SYMM_MEM_MAX_BYTES", DEFAULT_MAX_BYTES) or 0)
+        messages up to env ``RUNNERS_SYMM_MEM_MAX_BYTES`` (unset or 0: NCCL for every size). Opt-in
+        until it is measured end to end on two GPUs (its kernel is tested on one, and against
+        host buffers). Collective: every rank calls it, and all keep NCCL unless every rank
+        could set it up."""
+        max_bytes = int(os.environ.get("RUNNERS_SYMM_MEM_MAX_BYTES", "0") or 0)
         if max_bytes <= 0 or torch.version.hip is not None or dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return None
         fast, error = None, None

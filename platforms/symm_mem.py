@@ -1,6 +1,6 @@
 """Small all-reduces through PyTorch symmetric memory (CUDA peers over NVLink/P2P).
 
-``OneShotAllReduce`` (the default on CUDA): one Triton kernel per all-reduce that pushes this
+``OneShotAllReduce`` (env ``RUNNERS_SYMM_MEM_MAX_BYTES``, see ``CudaPlatform.small_all_reduce``): one Triton kernel per all-reduce that pushes this
 rank's tensor into every peer's buffer and sums what the peers pushed into its own, with no
 barrier (``platforms.one_shot_kernels``). ``SymmMemAllReduce``: PyTorch's own
 ``two_shot_all_reduce_`` (reduce-scatter + all-gather through peer loads, barriers on both ends)
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-DEFAULT_MAX_BYTES = 8 << 20  # one-shot up to here, NCCL past it (env RUNNERS_SYMM_MEM_MAX_BYTES)
+DEFAULT_MAX_BYTES = 8 << 20
 
 
 def _group_name(group: Any) -> str:

@@ -71,3 +71,38 @@ def test_refuses_what_it_cannot_sum():
     assert not ar.accepts(torch.zeros(2049, dtype=torch.bfloat16))  # past max_bytes
     assert not ar.accepts(torch.zeros(16, dtype=torch.float32))  # another dtype
     assert not ar.accepts(torch.zeros(8, 4, dtype=torch.bfloat16).t())  # not contiguous
+
+
+def test_cuda_platform_takes_it_only_when_asked_and_every_rank_has_it(monkeypatch):
+    """``CudaPlatform.small_all_reduce``: off unless env RUNNERS_SYMM_MEM_MAX_BYTES > 0; on, every
+    rank keeps NCCL when any rank failed to set it up (the ranks agree by an all-reduce)."""
+    import platforms.cuda as cuda
+    from platforms.symm_mem import OneShotAllReduce
+
+    monkeypatch.setattr(cuda.torch.version, "hip", None)
+    made = []
+    monkeypatch.setattr(OneShotAllReduce, "from_group", classmethod(lambda cls, *a: made.append(a) or "fast"))
+    others = {"ok": 1}
+
+    def all_reduce(t, op=None, group=None):  # the other rank's flag
+        t.fill_(min(int(t.item()), others["ok"]))
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    plat = cuda.CudaPlatform()
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("RUNNERS_SYMM_MEM_MAX_BYTES", raising=False)
+    assert plat.small_all_reduce(None, cpu, torch.bfloat16) is None and not made
+    monkeypatch.setenv("RUNNERS_SYMM_MEM_MAX_BYTES", "0")
+    assert plat.small_all_reduce(None, cpu, torch.bfloat16) is None and not made
+    monkeypatch.setenv("RUNNERS_SYMM_MEM_MAX_BYTES", str(1 << 20))
+    assert plat.small_all_reduce(None, cpu, torch.bfloat16) == "fast" and made[-1][-1] == 1 << 20
+    assert plat.small_all_reduce(None, cpu, torch.int64) is None  # not a dtype it sums
+    others["ok"] = 0
+    with pytest.warns(UserWarning, match="another rank"):
+        assert plat.small_all_reduce(None, cpu, torch.bfloat16) is None
+
+    def broken(cls, *a):
+        raise RuntimeError("no peer access")
+    monkeypatch.setattr(OneShotAllReduce, "from_group", classmethod(broken))
+    others["ok"] = 1
+    with pytest.warns(UserWarning, match="this rank.*no peer access"):
+        assert plat.small_all_reduce(None, cpu, torch.bfloat16) is None
