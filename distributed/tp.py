@@ -64,7 +64,7 @@ class TPGroup:
         return out.reshape(*x.shape[:-1], self.size * x.shape[-1])
 
     def describe_all_reduce(self, backend: str) -> str:
-        """E.g. "nccl" or "SymmMemAllReduce up to 8 MiB, then nccl"."""
+        """E.g. "nccl" or "OneShotAllReduce up to 8 MiB, then nccl"."""
         fast = self.small_all_reduce
         limit = getattr(fast, "max_bytes", None)
         if fast is None:

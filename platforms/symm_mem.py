@@ -1,20 +1,16 @@
 """Small all-reduces through PyTorch symmetric memory (CUDA peers over NVLink/P2P).
 
-``OneShotAllReduce`` (env ``RUNNERS_SYMM_MEM_MAX_BYTES``, see ``CudaPlatform.small_all_reduce``): one Triton kernel per all-reduce that pushes this
-rank's tensor into every peer's buffer and sums what the peers pushed into its own, with no
-barrier (``platforms.one_shot_kernels``). ``SymmMemAllReduce``: PyTorch's own
-``two_shot_all_reduce_`` (reduce-scatter + all-gather through peer loads, barriers on both ends)
-on a copy of the tensor. NVLink multicast (``multimem``) is never used. Both buffers have fixed
-addresses, so both work inside CUDA graphs.
+``OneShotAllReduce`` (env ``RUNNERS_SYMM_MEM_MAX_BYTES``, see ``CudaPlatform.small_all_reduce``):
+one Triton kernel per all-reduce that pushes this rank's tensor into every peer's buffer and
+sums what the peers pushed into its own, with no barrier (``platforms.one_shot_kernels``).
+NVLink multicast (``multimem``) is never used. The buffers have fixed addresses, so it works
+inside CUDA graphs.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import torch
-
-DEFAULT_MAX_BYTES = 8 << 20
-
 
 def _group_name(group: Any) -> str:
     return (group or torch.distributed.group.WORLD).group_name
@@ -47,8 +43,7 @@ class OneShotAllReduce:
         return 2 * world * (-(-max_bytes // elem // cls.BLOCK) * cls.BLOCK)
 
     @classmethod
-    def from_group(cls, group: Any, device: torch.device, dtype: torch.dtype,
-                   max_bytes: int = DEFAULT_MAX_BYTES) -> "OneShotAllReduce":
+    def from_group(cls, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int) -> "OneShotAllReduce":
         """Collective: every rank of ``group`` calls it. Raises if the installed torch or the
         devices cannot share memory (the caller then keeps NCCL)."""
         import torch.distributed._symmetric_memory as symm_mem
@@ -77,36 +72,3 @@ class OneShotAllReduce:
             BLOCK=self.BLOCK, SENTINEL=self.sentinel, PDL=pdl, num_warps=4,
             **({"launch_pdl": True} if pdl else {}))
         return x
-
-
-class SymmMemAllReduce:
-    """``accepts`` tensors of ``dtype`` up to ``max_bytes``; raises at construction if the
-    installed torch or the devices cannot do it (the caller then keeps NCCL)."""
-
-    def __init__(self, group: Any, device: torch.device, dtype: torch.dtype,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        self.dtype, self.max_bytes = dtype, max_bytes
-        self.group_name = _group_name(group)
-        elem = torch.empty((), dtype=dtype).element_size()
-        self.buffer = symm_mem.empty(max_bytes // elem, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
-        if self.handle is None:
-            raise RuntimeError("symmetric-memory rendezvous returned no handle")
-        ops = torch.ops.symm_mem
-        self.out_op = getattr(ops, "two_shot_all_reduce_out", None)  # saves a copy where torch has it
-        self.op = ops.two_shot_all_reduce_
-
-    def accepts(self, x: torch.Tensor) -> bool:
-        nbytes = x.numel() * x.element_size()
-        return x.dtype == self.dtype and nbytes <= self.max_bytes and nbytes % 16 == 0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        buf = self.buffer[:x.numel()]
-        buf.copy_(x.reshape(-1))
-        if self.out_op is not None and x.is_contiguous():
-            self.out_op(buf, "sum", self.group_name, x.view(-1))
-            return x
-        self.op(buf, "sum", self.group_name)
-        return x.copy_(buf.view(x.shape))  # the buffer is reused by the next call
