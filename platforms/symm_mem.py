@@ -12,9 +12,6 @@ from typing import Any, Sequence
 
 import torch
 
-def _group_name(group: Any) -> str:
-    return (group or torch.distributed.group.WORLD).group_name
-
 
 class OneShotAllReduce:
     """Sums contiguous tensors of ``dtype`` up to ``max_bytes`` over the group in one launch.
@@ -51,7 +48,7 @@ class OneShotAllReduce:
         world = torch.distributed.get_world_size(group)
         buf = symm_mem.empty(cls.buffer_elems(world, dtype, max_bytes), dtype=dtype, device=device)
         buf.fill_(-0.0)
-        handle = symm_mem.rendezvous(buf, _group_name(group))
+        handle = symm_mem.rendezvous(buf, (group or torch.distributed.group.WORLD).group_name)
         if handle is None:
             raise RuntimeError("symmetric-memory rendezvous returned no handle")
         torch.accelerator.synchronize(device)
@@ -66,6 +63,8 @@ class OneShotAllReduce:
         from platforms.triton_support import launch_pdl
 
         n = x.numel()
+        if n == 0:  # no programs, so no counts: the ranks stay in step
+            return x
         pdl = launch_pdl(x.device)
         one_shot_all_reduce_kernel[(-(-n // self.BLOCK),)](
             x, x, self.peers, self.counters, n, self.max_elems, RANK=self.rank, WORLD=self.world,

@@ -71,6 +71,8 @@ def test_refuses_what_it_cannot_sum():
     assert not ar.accepts(torch.zeros(2049, dtype=torch.bfloat16))  # past max_bytes
     assert not ar.accepts(torch.zeros(16, dtype=torch.float32))  # another dtype
     assert not ar.accepts(torch.zeros(8, 4, dtype=torch.bfloat16).t())  # not contiguous
+    empty = torch.zeros(0, dtype=torch.bfloat16)
+    assert ar(empty) is empty and int(ar.counters.sum()) == 0  # nothing launched, nothing counted
 
 
 def test_cuda_platform_takes_it_only_when_asked_and_every_rank_has_it(monkeypatch):
