@@ -58,7 +58,7 @@ class CudaPlatform(AcceleratorPlatform):
         host buffers). Collective: every rank calls it, and all keep NCCL unless every rank
         could set it up."""
         max_bytes = int(os.environ.get("RUNNERS_SYMM_MEM_MAX_BYTES", "0") or 0)
-        if max_bytes <= 0 or torch.version.hip is not None or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        if max_bytes <= 0 or torch.version.hip is not None or dtype not in OneShotAllReduce.DTYPES:
             return None
         fast, error = None, None
         try:

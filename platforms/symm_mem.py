@@ -21,23 +21,35 @@ class OneShotAllReduce:
     owns them. ``from_group`` allocates them in symmetric memory; tests pass host buffers."""
 
     BLOCK = 1024  # elements per program; fixed, since each program counts its own calls
+    DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
     def __init__(self, rank: int, peer_buffers: Sequence[int], device: torch.device, dtype: torch.dtype,
                  max_bytes: int, keep: Any = None) -> None:
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        from platforms.one_shot_kernels import one_shot_all_reduce_kernel
+        from platforms.triton_support import launch_pdl
+
+        if dtype not in self.DTYPES:
             raise ValueError(f"one-shot all-reduce sums bfloat16, float16 or float32, not {dtype}")
-        elem = torch.empty((), dtype=dtype).element_size()
         self.rank, self.world = rank, len(peer_buffers)
         self.dtype, self.max_bytes, self.device, self.keep = dtype, max_bytes, device, keep
-        self.max_elems = -(-max_bytes // elem // self.BLOCK) * self.BLOCK
+        self.max_elems = self.slot_elems(dtype, max_bytes)
         self.peers = torch.tensor(list(peer_buffers), dtype=torch.int64, device=device)
         self.counters = torch.zeros(self.max_elems // self.BLOCK, dtype=torch.int32, device=device)
-        self.sentinel = -(1 << (8 * elem - 1))  # -0.0's bits as a signed integer
+        pdl = launch_pdl(device)  # resolved once: every call is on this device
+        self._launch = dict(RANK=rank, WORLD=self.world, BLOCK=self.BLOCK, PDL=pdl, num_warps=4,
+                            SENTINEL=-(1 << (8 * dtype.itemsize - 1)),  # -0.0's bits as a signed integer
+                            **({"launch_pdl": True} if pdl else {}))
+        self._kernel = one_shot_all_reduce_kernel
+
+    @classmethod
+    def slot_elems(cls, dtype: torch.dtype, max_bytes: int) -> int:
+        """Elements of one rank's slot in one region: ``max_bytes`` rounded up to whole programs."""
+        return -(-max_bytes // dtype.itemsize // cls.BLOCK) * cls.BLOCK
 
     @classmethod
     def buffer_elems(cls, world: int, dtype: torch.dtype, max_bytes: int) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * world * (-(-max_bytes // elem // cls.BLOCK) * cls.BLOCK)
+        """Elements of each rank's buffer: 2 regions x ``world`` slots."""
+        return 2 * world * cls.slot_elems(dtype, max_bytes)
 
     @classmethod
     def from_group(cls, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int) -> "OneShotAllReduce":
@@ -59,15 +71,7 @@ class OneShotAllReduce:
         return x.dtype == self.dtype and x.numel() <= self.max_elems and x.is_contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from platforms.one_shot_kernels import one_shot_all_reduce_kernel
-        from platforms.triton_support import launch_pdl
-
         n = x.numel()
-        if n == 0:  # no programs, so no counts: the ranks stay in step
-            return x
-        pdl = launch_pdl(x.device)
-        one_shot_all_reduce_kernel[(-(-n // self.BLOCK),)](
-            x, x, self.peers, self.counters, n, self.max_elems, RANK=self.rank, WORLD=self.world,
-            BLOCK=self.BLOCK, SENTINEL=self.sentinel, PDL=pdl, num_warps=4,
-            **({"launch_pdl": True} if pdl else {}))
+        if n:  # (no programs, no counts: the ranks stay in step)
+            self._kernel[(-(-n // self.BLOCK),)](x, x, self.peers, self.counters, n, self.max_elems, **self._launch)
         return x
