@@ -32,7 +32,8 @@ class AttentionMetadata:
     # Host copies of the same values (no device sync needed to branch on them).
     query_start_loc_cpu: np.ndarray
     seq_lens_cpu: np.ndarray
-    # Backend-owned per-step data, built once per step by ``AttentionBackend.prepare``.
+    # Backend-owned per-step data, built once per step by ``AttentionBackend.prepare`` (or, where it
+    # needs the cache's shape, by the backend at the step's first layer, for the others to reuse).
     extra: Any = None
     # Pure decode: the first ``shared_prefix_len`` keys of every request (before its last one)
     # lie in the same pages for all of the step's requests (a prompt prefix they share); only
@@ -68,12 +69,12 @@ def shared_prefix_len(block_table: np.ndarray, seq_lens: np.ndarray, block_size:
     return (pages if same.all() else int(same.argmin())) * block_size
 
 
-def dummy_prefill(num_tokens: int, block_size: int, device: torch.device) -> AttentionMetadata:
-    """One request of ``num_tokens`` new tokens and no cached prefix, its pages all the null
-    block and its slots -1 (nothing is written): for warm-up launches whose output is dropped."""
-    n = num_tokens
-    qsl, lens = np.array([0, n], np.int32), np.array([n], np.int32)
+def dummy_prefill(num_tokens: int, block_size: int, device: torch.device, cached: int = 0) -> AttentionMetadata:
+    """One request of ``num_tokens`` new tokens after ``cached`` cached ones, its pages all the
+    null block and its slots -1 (nothing is written): for warm-up launches whose output is dropped."""
+    n, total = num_tokens, num_tokens + cached
+    qsl, lens = np.array([0, n], np.int32), np.array([total], np.int32)
     return AttentionMetadata(
         torch.from_numpy(qsl).to(device), torch.from_numpy(lens).to(device),
-        torch.zeros(1, -(-n // block_size), dtype=torch.int32, device=device),
-        torch.full((n,), -1, dtype=torch.int64, device=device), n, n, n, 1, qsl, lens)
+        torch.zeros(1, -(-total // block_size), dtype=torch.int32, device=device),
+        torch.full((n,), -1, dtype=torch.int64, device=device), n, total, n, 1, qsl, lens)

@@ -25,6 +25,13 @@ Launch plan (all decided on the host from shapes and host ints, never from devic
   written as zeros (by the kernel, not a host-sized slice), padded request rows do nothing.
 * a prefill block reads its request's cached prefix from the pages and its new tokens from the
   step's own K/V rows (TMA descriptors on CUDA sm90+, pointers elsewhere).
+* prefix gather (prefill rows over a cached prefix, long enough that several query blocks read
+  each cached page): once per layer the step's prefix pages are copied, request after request,
+  into contiguous rows (one copy kernel), which the prefill blocks then read by whole tiles,
+  as they read the new rows (TMA on Hopper), instead of gathering every tile page by page. The
+  page list is built on the device once per step (``PrefixGather``, kept in ``md.extra``); the
+  copy is bounded (``GATHER_MAX_TOKENS``, or twice the step's tokens) so it fits in the memory
+  the start-up profile measured.
 * compiles happen at start-up: the first forward with a cache launches the prefill variants
   (``TritonAttentionBackend._warm_up``), and nothing a step varies (table width, split count)
   is a specialisation key.
@@ -37,6 +44,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from attention.backend import AttentionBackend
@@ -44,6 +52,10 @@ from attention.metadata import AttentionMetadata, dummy_prefill
 from platforms.triton_support import hopper_or_newer
 
 MIN_SPLIT_TOKENS = 64
+# prefix gather: when, over the step's cached prefix pages, the query blocks reading each page
+# average at least this many (a page copied once then read N times by tiles beats N paged reads)
+GATHER_MIN_READS = 4
+GATHER_MAX_TOKENS = 16384  # the most prefix tokens copied per layer (or twice the step's tokens)
 CASCADE_MIN_TOKENS = 256  # shared keys from which a cascade is taken when cascades are on
 MAX_SPLITS = 64
 _HEAD_DIMS = (32, 64, 128, 256)
@@ -128,6 +140,13 @@ def prefill_config(g_pad: int, head_dim: int, dtype: torch.dtype, max_query_len:
                       8 if big else 4, 2 if wide else 3)
 
 
+def _prefill_tile(q: torch.Tensor, g_pad: int, max_query_len: int) -> TileConfig:
+    """The default prefill tile for queries like ``q`` ``[T, Hq, D]`` on its device."""
+    head_dim = q.shape[-1]
+    return fit_shared_memory(prefill_config(g_pad, head_dim, q.dtype, max_query_len), head_dim,
+                             q.element_size(), _smem_limit(q.device))
+
+
 def choose_num_splits(programs: int, sm_count: int) -> int:
     """Split the KV range when a launch has fewer programs than SMs: aim at two per SM."""
     if programs >= sm_count:
@@ -201,18 +220,83 @@ def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tens
         BLOCK_SIZE=k_cache.shape[1], num_warps=4)
 
 
+@dataclass(frozen=True)
+class PrefixGather:
+    """One step's cached prefix pages of its prefill rows (q_len >= 2, cached prefix > 0), in
+    request order: ``page_ids`` ``[num_pages]`` (cache pages) and ``first_page`` ``[R_pad]`` (where
+    request ``r``'s pages start in that list). Built on the device from the step's metadata
+    without a host sync; ``num_pages == 0``: this step does not gather."""
+
+    page_ids: torch.Tensor | None
+    first_page: torch.Tensor | None
+    num_pages: int
+
+
+NO_GATHER = PrefixGather(None, None, 0)
+
+
+def plan_prefix_gather(md: AttentionMetadata, block_size: int, block_q: int,
+                       force: bool | None = None) -> PrefixGather:
+    """The step's ``PrefixGather``, or ``NO_GATHER`` where it does not pay (``force=None``: the
+    query blocks reading each cached page average fewer than ``GATHER_MIN_READS``, or the copy
+    would exceed ``max(GATHER_MAX_TOKENS, 2 * md.num_tokens)`` tokens) or nothing is cached.
+    ``force=True`` gathers any cached prefix (tests, benchmarks), ``False`` never. Decided from
+    the host copies; the page list itself is computed on the device."""
+    qsl, lens = md.query_start_loc_cpu.astype(np.int64), md.seq_lens_cpu.astype(np.int64)
+    q_len = qsl[1:] - qsl[:-1]
+    ctx = lens - q_len
+    rows = (q_len >= 2) & (ctx > 0)
+    pages = np.where(rows, -(-ctx // block_size), 0)
+    num_pages = int(pages.sum())
+    if force is False or num_pages == 0:
+        return NO_GATHER
+    if force is None:
+        reads = int((np.where(rows, -(-q_len // block_q), 0) * pages).sum())
+        if reads < GATHER_MIN_READS * num_pages or \
+                num_pages * block_size > max(GATHER_MAX_TOKENS, 2 * md.num_tokens):
+            return NO_GATHER
+    qsl_d, lens_d = md.query_start_loc.long(), md.seq_lens.long()
+    q_len_d = qsl_d[1:] - qsl_d[:-1]
+    ctx_d = lens_d - q_len_d
+    pages_d = torch.where((q_len_d >= 2) & (ctx_d > 0), (ctx_d + block_size - 1) // block_size, 0)
+    first = torch.cumsum(pages_d, 0) - pages_d
+    req = torch.repeat_interleave(torch.arange(len(pages_d), device=pages_d.device), pages_d,
+                                  output_size=num_pages)  # output_size: no host sync
+    page_ids = md.block_table[req, torch.arange(num_pages, device=req.device) - first[req]]
+    return PrefixGather(page_ids, first.to(torch.int32), num_pages)
+
+
+def _gather_pages(kv_cache: torch.Tensor, gather: PrefixGather) -> torch.Tensor:
+    """``kv_cache[:, gather.page_ids]`` as ``[2, pages * block_size, Hk, D]``, one Triton copy
+    (torch's indexing of the middle dimension ran at a fifth of the copy bandwidth on an H200)."""
+    from attention.triton_kernels import gather_pages_kernel
+    block_size, hk, d = kv_cache.shape[2:]
+    if not kv_cache[0].is_contiguous():
+        raise ValueError("prefix gather needs each of K and V's caches contiguous")
+    page_elems = block_size * hk * d
+    out = kv_cache.new_empty(2, gather.num_pages * block_size, hk, d)
+    block = min(4096, _pow2(page_elems))
+    gather_pages_kernel[(gather.num_pages, 2, -(-page_elems // block))](
+        kv_cache, out, gather.page_ids, gather.num_pages, kv_cache.stride(0),
+        PAGE_ELEMS=page_elems, BLOCK=block, num_warps=4)
+    return out
+
+
 def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       kv_cache: torch.Tensor | None, md: AttentionMetadata, scale: float,
                       num_splits: int | None = None,
                       min_split_tokens: int = MIN_SPLIT_TOKENS,
                       configs: tuple[TileConfig | None, TileConfig | None] = (None, None),
-                      new_kv: str | None = None) -> torch.Tensor:
+                      new_kv: str | None = None,
+                      prefix_gather: PrefixGather | bool | None = None) -> torch.Tensor:
     """Attention of q ``[T, Hq, D]`` over the paged cache (or over k/v when the cache is None).
 
     ``num_splits`` overrides the split heuristic (1 = no split), ``min_split_tokens`` the
     shortest KV segment of a split, ``configs`` the (decode, prefill) tiles and ``new_kv`` how
     the step's new K/V rows are read ("rows": pointers, "desc": tensor descriptors; None: descriptors
-    on CUDA sm90+, where they map to TMA): for tests and benchmarks.
+    on CUDA sm90+, where they map to TMA): for tests and benchmarks. ``prefix_gather``: the
+    step's plan (the backend builds it once per step), or None/True/False for
+    ``plan_prefix_gather``'s heuristic / always / never.
     """
     from attention.triton_kernels import cascade_prefix_kernel, split_reduce_kernel, unified_attention_kernel
     num_tokens, num_heads, head_dim = q.shape
@@ -241,8 +325,7 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     smem, elem = _smem_limit(q.device), q.element_size()
     dec = configs[0] or fit_shared_memory(decode_config(g_pad, head_dim, q.dtype), head_dim,
                                           elem, smem)
-    pre = None if decode_only else (configs[1] or fit_shared_memory(
-        prefill_config(g_pad, head_dim, q.dtype, md.max_query_len), head_dim, elem, smem))
+    pre = None if decode_only else (configs[1] or _prefill_tile(q, g_pad, md.max_query_len))
     grid_dec = max(num_reqs_pad, num_tokens) if decode_only else num_reqs_pad
     grid_pre = 0 if pre is None else num_tokens // pre.block_q + num_reqs_pad + 1
     if num_splits is None:
@@ -267,6 +350,15 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         part_acc = torch.empty((num_tokens, num_heads, slots, head_dim), **f32)
     else:
         part_m = part_l = part_acc = out  # unused
+    gather = NO_GATHER
+    if pre is not None and has_cache:
+        gather = prefix_gather if isinstance(prefix_gather, PrefixGather) else \
+            plan_prefix_gather(md, block_size, pre.block_q, prefix_gather)
+    if gather.num_pages:  # K and V rows [pages * block_size, Hk, D]
+        rows = _gather_pages(kv_cache, gather)
+        gk, gv, g_first = rows[0], rows[1], gather.first_page
+    else:
+        gk, gv, g_first = k_new, v_new, md.seq_lens  # unused
     qk_scale = scale * math.log2(math.e)
     dot_prec = "ieee" if q.dtype == torch.float32 else None  # fp32: no tf32 (1e-5 target)
     bt = md.block_table
@@ -283,18 +375,23 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if cfg is None:
             continue
         kn, vn, new_kv_mode = k_new, v_new, 1  # ROWS
+        gathered = not is_decode and gather.num_pages > 0
+        g_k, g_v = gk, gv
         if use_desc and not (is_decode and has_cache):  # this launch reads the new rows: DESC
             kn, vn, new_kv_mode = _rows_descriptor(k_new, cfg.block_n), _rows_descriptor(v_new, cfg.block_n), 2
+            if gathered:
+                g_k, g_v = _rows_descriptor(gk, cfg.block_n), _rows_descriptor(gv, cfg.block_n)
         unified_attention_kernel[(grid0, num_kv_heads, num_splits)](
             out, q, k_src, kn, vn, bt, md.seq_lens, md.query_start_loc, prefix,
-            part_m, part_l, part_acc,
+            part_m, part_l, part_acc, g_k, g_v, g_first,
             num_tokens, num_reqs_pad, num_splits, max(1, min_split_tokens // cfg.block_n), prefix_slots,
             qk_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides,
-            *new_strides, bt.stride(0), num_heads * slots, slots,
+            *new_strides, gk.stride(0), bt.stride(0), num_heads * slots, slots,
             Q_PER_KV=q_per_kv, G_PAD=g_pad, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             IS_DECODE=is_decode, ZERO_PAD=not split and (decode_only or not is_decode),
-            SPLIT=split, HAS_CACHE=has_cache, NEW_KV=new_kv_mode, CASCADE=bool(casc), DOT_PREC=dot_prec,
+            SPLIT=split, HAS_CACHE=has_cache, NEW_KV=new_kv_mode, CASCADE=bool(casc), GATHERED=gathered,
+            DOT_PREC=dot_prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
         split_reduce_kernel[(num_tokens, num_heads)](
@@ -348,7 +445,8 @@ class TritonAttentionBackend(AttentionBackend):
             return f"block_size={block_size} not supported (a power of two up to 256)"
         return None
 
-    #: query lengths of the start-up prefill launches (one request each, see ``_warm_up``)
+    #: query lengths of the start-up prefill launches (one request each, see ``_warm_up``); the
+    #: two longest run again over a cached prefix, which they gather (``plan_prefix_gather``)
     WARM_UP_QUERY_LENS = (2, 4, 8, 16, 128, 1024)
     _warm: bool = False
 
@@ -371,10 +469,11 @@ class TritonAttentionBackend(AttentionBackend):
         self._warm = True
         if q.device.type == "cpu":
             return
-        for n in self.WARM_UP_QUERY_LENS:
+        lens = self.WARM_UP_QUERY_LENS
+        for n, ctx in [(n, 0) for n in lens] + [(n, n) for n in sorted(lens)[-2:]]:
             kv = q.new_zeros(n, self.num_kv_heads, self.head_dim)
             self.attend(q.new_zeros(n, self.num_heads, self.head_dim), kv, kv, kv_cache,
-                        dummy_prefill(n, kv_cache.shape[2], q.device))
+                        dummy_prefill(n, kv_cache.shape[2], q.device, ctx))
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -382,6 +481,12 @@ class TritonAttentionBackend(AttentionBackend):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+        gather = None
+        if kv_cache is not None and md.max_query_len > 1:  # one plan per step, shared by its layers
+            if not isinstance(md.extra, PrefixGather):
+                tile = _prefill_tile(q, _pow2(self.num_heads // self.num_kv_heads), md.max_query_len)
+                md.extra = plan_prefix_gather(md, kv_cache.shape[2], tile.block_q)
+            gather = md.extra
         return unified_attention(q, k, v, kv_cache, md, self.scale, self.num_splits_override,
-                                 self.min_split_tokens, new_kv=self.new_kv)
+                                 self.min_split_tokens, new_kv=self.new_kv, prefix_gather=gather)
 

@@ -93,17 +93,17 @@ def _split_range(split, num_splits, min_tiles_per_split, n_tiles, SPLIT: tl.cons
                                "slot0"])
 def unified_attention_kernel(
         out_ptr, q_ptr, k_ptr, kn_ptr, vn_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, prefix_ptr,
-        part_m_ptr, part_l_ptr, part_acc_ptr,
+        part_m_ptr, part_l_ptr, part_acc_ptr, gk_ptr, gv_ptr, gfirst_ptr,
         num_tokens, num_reqs_pad, num_splits, min_tiles_per_split, slot0, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, kv_delta,
-        stride_knt, stride_knh, stride_vnt, stride_vnh,
+        stride_knt, stride_knh, stride_vnt, stride_vnh, stride_gt,
         stride_bt, stride_pt, stride_ph,
         Q_PER_KV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, IS_DECODE: tl.constexpr, ZERO_PAD: tl.constexpr,
         SPLIT: tl.constexpr, HAS_CACHE: tl.constexpr, NEW_KV: tl.constexpr, CASCADE: tl.constexpr,
-        DOT_PREC: tl.constexpr):
+        GATHERED: tl.constexpr, DOT_PREC: tl.constexpr):
     """Grid ``(programs, num_kv_heads, num_splits)``.
 
     IS_DECODE: program ``p`` serves request ``p`` if its q_len is 1 (and, with ZERO_PAD,
@@ -122,6 +122,11 @@ def unified_attention_kernel(
     from the contiguous new rows (no block-table lookups), so a prompt without a cached
     prefix never gathers pages. NEW_KV (ROWS or DESC) says whether ``kn_ptr``/``vn_ptr`` are
     pointers or tensor descriptors of ``[T, Hk * D]``.
+
+    GATHERED (prefill blocks): the cached prefixes' pages were copied, request after request,
+    into contiguous rows ``gk_ptr``/``gv_ptr`` (``[pages * BLOCK_SIZE, Hk, D]``, read like the new
+    rows, NEW_KV); request ``r``'s prefix starts at page ``gfirst_ptr[r]`` of them. Every query
+    block of a long row then reads its prefix by whole tiles (TMA on Hopper), not page by page.
     """
     if IS_DECODE:
         pid = tl.program_id(0)
@@ -224,17 +229,32 @@ def unified_attention_kernel(
         n_tiles = n_ctx + tl.cdiv(new_end, BLOCK_N)
         lo_t, hi_t = _split_range(split, num_splits, min_tiles_per_split, n_tiles, SPLIT)
         if HAS_CACHE:  # every cached key precedes every query: only the last tile is masked (length)
-            k_base = k_ptr + kvh * stride_kh
             pos_after = ctx + tok_in_req
             n_ctx_full = ctx // BLOCK_N
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, pos_after, k_base, kv_delta, bt_row, 0, 0,
-                                    lo_t, tl.minimum(hi_t, n_ctx_full), ctx, qk_scale,
-                                    stride_kb, stride_kt, 0, offs_n, offs_d,
-                                    BLOCK_N, BLOCK_SIZE, PAGED, False, DOT_PREC)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, pos_after, k_base, kv_delta, bt_row, 0, 0,
-                                    tl.maximum(lo_t, n_ctx_full), tl.minimum(hi_t, n_ctx), ctx,
-                                    qk_scale, stride_kb, stride_kt, 0,
-                                    offs_n, offs_d, BLOCK_N, BLOCK_SIZE, PAGED, True, DOT_PREC)
+            if GATHERED:  # the prefix as contiguous rows from this request's first gathered page
+                g0 = tl.load(gfirst_ptr + req) * BLOCK_SIZE
+                if NEW_KV == DESC:
+                    gk_base, gv_base = gk_ptr, gv_ptr
+                else:
+                    gk_base, gv_base = gk_ptr + kvh * HEAD_DIM, gv_ptr + kvh * HEAD_DIM
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, pos_after, gk_base, gv_base, bt_row, g0, kn_col,
+                                        lo_t, tl.minimum(hi_t, n_ctx_full), ctx, qk_scale,
+                                        0, stride_gt, stride_gt, offs_n, offs_d,
+                                        BLOCK_N, BLOCK_SIZE, NEW_KV, False, DOT_PREC)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, pos_after, gk_base, gv_base, bt_row, g0, kn_col,
+                                        tl.maximum(lo_t, n_ctx_full), tl.minimum(hi_t, n_ctx), ctx,
+                                        qk_scale, 0, stride_gt, stride_gt, offs_n, offs_d,
+                                        BLOCK_N, BLOCK_SIZE, NEW_KV, True, DOT_PREC)
+            else:
+                k_base = k_ptr + kvh * stride_kh
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, pos_after, k_base, kv_delta, bt_row, 0, 0,
+                                        lo_t, tl.minimum(hi_t, n_ctx_full), ctx, qk_scale,
+                                        stride_kb, stride_kt, 0, offs_n, offs_d,
+                                        BLOCK_N, BLOCK_SIZE, PAGED, False, DOT_PREC)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, pos_after, k_base, kv_delta, bt_row, 0, 0,
+                                        tl.maximum(lo_t, n_ctx_full), tl.minimum(hi_t, n_ctx), ctx,
+                                        qk_scale, stride_kb, stride_kt, 0,
+                                        offs_n, offs_d, BLOCK_N, BLOCK_SIZE, PAGED, True, DOT_PREC)
         # the new tokens, causal, positions relative to the first new token
         lo_n = tl.maximum(lo_t - n_ctx, 0)
         hi_n = tl.maximum(hi_t - n_ctx, 0)
@@ -341,6 +361,21 @@ def split_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr,
                   mask=live[:, None], other=0.0)
     o = tl.sum(acc * w[:, None], 0) / tl.where(l_sum > 0.0, l_sum, 1.0)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["num_pages"])
+def gather_pages_kernel(src_ptr, dst_ptr, page_ids_ptr, num_pages, src_kv_stride,
+                        PAGE_ELEMS: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(pages, 2, cdiv(PAGE_ELEMS, BLOCK))``: copy K (axis 1 = 0) or V (1) of page
+    ``page_ids[p]`` of the cache ``[2, blocks, PAGE_ELEMS]`` (V at ``src_kv_stride``) to row ``p`` of
+    ``dst`` ``[2, num_pages, PAGE_ELEMS]``."""
+    p = tl.program_id(0)
+    kv = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < PAGE_ELEMS
+    page = tl.load(page_ids_ptr + p).to(tl.int64)
+    x = tl.load(src_ptr + kv.to(tl.int64) * src_kv_stride + page * PAGE_ELEMS + offs, mask=mask)
+    tl.store(dst_ptr + (kv * num_pages + p).to(tl.int64) * PAGE_ELEMS + offs, x, mask=mask)
 
 
 @triton.jit

@@ -28,8 +28,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-kv", default="rows,desc", help="how the new K/V rows are read: rows, desc")
     ap.add_argument("--quick", action="store_true", help="the default tile only")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated steps of {list(STEPS)}")
     args = ap.parse_args()
     modes = args.new_kv.split(",")
+    steps = {name: STEPS[name] for name in args.steps.split(",")}
     from attention.triton_attn import (TileConfig, _smem_limit, fit_shared_memory, prefill_config,
                                        unified_attention)
 
@@ -44,7 +46,7 @@ def main() -> None:
         cfg = TileConfig(block_m, block_m // g, block_n, warps, stages)
         if (block_m + 2 * stages * block_n) * D * 2 + 1024 <= (smem or 1 << 30) and cfg not in tiles:
             tiles.append(cfg)
-    inputs = {name: Inputs(q, c, 16, torch.bfloat16) for name, (q, c) in STEPS.items()}
+    inputs = {name: Inputs(q, c, 16, torch.bfloat16) for name, (q, c) in steps.items()}
     rows = []
     for cfg, mode in itertools.product(tiles, modes):
         times = []
@@ -59,13 +61,13 @@ def main() -> None:
         rows.append((cfg, mode, times))
         print(cfg, mode, [f"{t:.1f}" for t in times], flush=True)
     print(f"\n### Triton prefill tiles on {torch.cuda.get_device_name()} (us per layer, bf16, block 16)\n")
-    print("| block_m (q x heads) | block_n | warps | stages | new K/V | " + " | ".join(STEPS) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(STEPS))
+    print("| block_m (q x heads) | block_n | warps | stages | new K/V | " + " | ".join(steps) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(steps))
     for cfg, mode, times in rows:
         mark = " (default)" if cfg == default else ""
         print(f"| {cfg.block_m}{mark} | {cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} | {mode} | "
               + " | ".join(f"{t:.1f}" for t in times) + " |")
-    for i, name in enumerate(STEPS):
+    for i, name in enumerate(steps):
         best = min(rows, key=lambda r: r[2][i] if r[2][i] == r[2][i] else float("inf"))
         print(f"best for {name}: {best[0]} {best[1]} {best[2][i]:.1f} us (default {rows[0][2][i]:.1f})")
 

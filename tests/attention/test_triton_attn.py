@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from attention.triton_attn import (TileConfig, TritonAttentionBackend, choose_num_splits,
-                                   fit_shared_memory, prefill_config, unified_attention,
-                                   write_kv_cache_triton)
+from attention.triton_attn import (GATHER_MIN_READS, NO_GATHER, PrefixGather, TileConfig, TritonAttentionBackend,
+                                   choose_num_splits, fit_shared_memory, plan_prefix_gather, prefill_config,
+                                   unified_attention, write_kv_cache_triton)
 from attention.torch_ref import write_kv_cache
 from tests.attention.batch_utils import dense_reference, make_batch, rel_err, torch_reference_backend
 
@@ -114,6 +114,58 @@ def test_prefill_reads_cached_prefix_and_new_rows(new_kv: str, splits: int) -> N
 
 
 @pytest.mark.cpu
+@pytest.mark.parametrize("new_kv", ["rows", "desc"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gathered_prefix_equals_paged_and_reference(new_kv: str, splits: int) -> None:
+    """Prefill rows over cached prefixes of whole and partial pages (one page shared with the
+    new tokens), a row without a prefix, decode rows, padding, NaN in every slot no request may
+    read: copying the prefixes into contiguous rows first gives the paged path's result."""
+    b = make_batch([40, 1, 33, 2, 9], [21, 50, 32, 16, 0], block_size=8, pad_reqs=1, pad_tokens=3,
+                   device=DEVICE, poison=float("nan"), seed=13)
+    ref = dense_reference(b.q, b.k, b.v, b.kv_cache, b.md, 0.125)
+    cache = b.kv_cache.clone()
+    write_kv_cache_triton(b.k, b.v, cache, b.md.slot_mapping)
+    tiles = (None, TileConfig(16, 4, 16, 4, 2))
+    plan = plan_prefix_gather(b.md, 8, 4, force=True)
+    # request after request, the pages of each prefill row's prefix (q_len >= 2, cached > 0)
+    want = [int(p) for r, c in ((0, 21), (2, 32), (3, 16)) for p in b.md.block_table[r, :-(-c // 8)]]
+    assert plan.num_pages == len(want) and plan.page_ids.tolist() == want
+    assert plan.first_page.tolist() == [0, 3, 3, 7, 9, 9]
+    outs = {mode: unified_attention(b.q, b.k, b.v, cache, b.md, 0.125, num_splits=splits, min_split_tokens=16,
+                                    configs=tiles, new_kv=new_kv, prefix_gather=mode) for mode in (True, False)}
+    n = b.md.num_actual_tokens
+    for out in outs.values():
+        assert not torch.isnan(out).any()
+        assert rel_err(out[:n], ref[:n]) < 1e-5
+        assert torch.count_nonzero(out[n:]) == 0
+    assert rel_err(outs[True][:n], outs[False][:n]) < 1e-6
+
+
+@pytest.mark.cpu
+def test_prefix_gather_heuristic_and_one_plan_per_step() -> None:
+    """Gather when each cached page is read by enough query blocks and the copy is bounded;
+    the backend builds the plan once per step (``md.extra``) and every layer reuses it."""
+    long_rows = make_batch([64, 1], [40, 9], block_size=8, device=DEVICE, seed=1)
+    short_rows = make_batch([8, 8], [40, 40], block_size=8, device=DEVICE, seed=2)
+    no_prefix = make_batch([64, 1], [0, 9], block_size=8, device=DEVICE, seed=3)
+    assert plan_prefix_gather(long_rows.md, 8, 4).num_pages == 5  # 16 query blocks read each page
+    assert plan_prefix_gather(short_rows.md, 8, 4) is NO_GATHER  # 2 < GATHER_MIN_READS
+    assert plan_prefix_gather(short_rows.md, 8, 8 // GATHER_MIN_READS).num_pages == 10
+    assert plan_prefix_gather(no_prefix.md, 8, 4, force=True) is NO_GATHER
+    assert plan_prefix_gather(long_rows.md, 8, 4, force=False) is NO_GATHER
+    huge = make_batch([64], [20000], block_size=256, device=DEVICE, seed=4)
+    assert plan_prefix_gather(huge.md, 256, 4) is NO_GATHER  # more than GATHER_MAX_TOKENS to copy
+    be = TritonAttentionBackend(8, 2, 64, 0.125)
+    cache = long_rows.kv_cache.clone()
+    out = be(long_rows.q, long_rows.k, long_rows.v, cache, long_rows.md)
+    plan = long_rows.md.extra
+    assert isinstance(plan, PrefixGather) and plan.num_pages == 5
+    again = be(long_rows.q, long_rows.k, long_rows.v, cache, long_rows.md)
+    assert long_rows.md.extra is plan and torch.equal(out, again)
+    assert rel_err(out, _reference(long_rows)) < 1e-5
+
+
+@pytest.mark.cpu
 def test_kv_write_matches_torch_and_skips_padding() -> None:
     b = make_batch([3, 1, 4], [5, 9, 0], block_size=16, pad_tokens=4, device=DEVICE, seed=11)
     ours, theirs = b.kv_cache.clone(), b.kv_cache.clone()
@@ -193,3 +245,25 @@ def test_gpu_half_precision(dtype: torch.dtype, block_size: int) -> None:
         out = _run(b, (32, 8), 128, splits=splits, min_split_tokens=256)
         assert rel_err(out, ref.to(out.device)) < 1e-2
         assert not torch.isnan(out).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_gpu_gathered_prefix(block_size: int) -> None:
+    """bf16, the Llama-3-8B head layout: prefill rows over long cached prefixes (their pages
+    gathered, through TMA descriptors on Hopper) equal the paged path and the reference."""
+    b = make_batch([1, 700, 1, 300, 64], [900, 2000, 4000, 513, 8192], num_heads=32, num_kv_heads=8,
+                   head_dim=128, block_size=block_size, pad_reqs=2, pad_tokens=5, device=DEVICE,
+                   dtype=torch.bfloat16, seed=block_size)
+    ref = dense_reference(b.q, b.k, b.v, b.kv_cache, b.md, 128 ** -0.5)
+    cache = b.kv_cache.clone()
+    write_kv_cache_triton(b.k, b.v, cache, b.md.slot_mapping)
+    assert plan_prefix_gather(b.md, block_size, 32).num_pages > 0  # the heuristic takes this step
+    outs = [unified_attention(b.q, b.k, b.v, cache, b.md, 128 ** -0.5, num_splits=s, prefix_gather=g)
+            for g in (True, False) for s in (None, 4)]
+    n = b.md.num_actual_tokens
+    for out in outs:
+        assert rel_err(out[:n], ref[:n].to(out.device)) < 3e-3
+        assert torch.count_nonzero(out[n:]) == 0
+    assert rel_err(outs[0][:n], outs[2][:n]) < 3e-3

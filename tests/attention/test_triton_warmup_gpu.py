@@ -20,7 +20,7 @@ if WHY:
     pytest.skip(f"triton backend: {WHY}", allow_module_level=True)
 
 # (q_lens, cached) per step after the warm-up: a prefill chunk over a prefix, a mixed step,
-# a long prompt, a short one (small query blocks)
+# a long prompt, a short one (small query blocks), long chunks over long prefixes (gathered)
 SCRIPT = textwrap.dedent("""
     import json, sys, time
     import torch
@@ -44,7 +44,8 @@ SCRIPT = textwrap.dedent("""
         times.append(time.perf_counter() - t)
     print(json.dumps(times))
 """)
-STEPS = [([300], [100]), ([1, 1, 1, 200, 1], [50, 900, 7, 0, 4000]), ([3000], [0]), ([5, 9], [40, 0])]
+STEPS = [([300], [100]), ([1, 1, 1, 200, 1], [50, 900, 7, 0, 4000]), ([3000], [0]), ([5, 9], [40, 0]),
+         ([2048], [8192]), ([1, 160], [30, 3000])]
 LIMIT_S = 0.3  # a launch of these shapes takes well under a millisecond; a compile takes seconds
 
 
