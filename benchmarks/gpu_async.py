@@ -1,7 +1,7 @@
 """Async scheduling: the same workloads with ``async_scheduling`` off and on, in one run, on one GPU
 or, with ``--tp N``, on N GPUs of this host (the ``"mp"`` executor: a worker process per rank).
 
-    python benchmarks/gpu_async.py [--attention-backend triton] [--decode-len 512] [--tp 2]
+    python benchmarks/gpu_async.py [--attention-backend triton] [--decode-len 512] [--tp 2] [--steps mixed]
 
 Llama-3-8B shape, random bf16 weights (``load_format="dummy"``). Per mode: bs=1 decode tok/s
 (against the bandwidth roofline), decode-heavy total tok/s, mixed output tok/s and shared-prefix
@@ -63,8 +63,62 @@ def idle_between_steps(llm, batch: int, out_tokens: int = 256, skip: int = 16) -
     return 1e3 * wall / len(events), sum(idle) / len(idle)
 
 
+def step_breakdown(llm, prompts: list, params, bw: float, flops: float) -> list[str]:
+    """Markdown rows: the run's steps in classes (prefill-bearing vs decode-only), each with its
+    device ms (the span between one step's launch and the next: with async scheduling the device
+    never idles between steps) against that class's own roofline (each step: the larger of its
+    weight + KV bytes over ``bw`` and its GEMM + attention FLOPs over ``flops``). Shows which
+    kind of step separates a workload from its floor. One GPU, one process."""
+    cfg = LLAMA3_8B
+    h, L, kvh, hd = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
+    qh, inter, vocab = cfg["num_attention_heads"], cfg["intermediate_size"], cfg["vocab_size"]
+    body = L * (h * (qh + 2 * kvh) * hd + qh * hd * h + 3 * h * inter)  # params every token multiplies
+    kv_tok = 2 * L * kvh * hd * 2
+    runner = llm.runner
+    launch = runner.execute_model_async
+    steps: list[tuple[torch.cuda.Event, int, int, float, float]] = []
+    computed: dict[str, int] = {}  # req -> tokens computed before this step
+
+    def timed_launch(so):
+        for r in so.scheduled_new_reqs:
+            computed[r.req_id] = r.num_computed_tokens
+        for rid, n in zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens):
+            computed[rid] = n
+        n_dec = sum(1 for n in so.num_scheduled_tokens.values() if n == 1)
+        n_tok = so.total_num_scheduled_tokens
+        kv_read = sum(computed[r] + n for r, n in so.num_scheduled_tokens.items())  # keys attended, per q row
+        attn = sum(4 * L * qh * hd * n * (computed[r] + n / 2) for r, n in so.num_scheduled_tokens.items())
+        rows = len(so.num_scheduled_tokens)  # rows that reach the lm_head (at most)
+        ideal = max((2 * (body + vocab * h) + kv_tok * (kv_read + n_tok)) / bw,
+                    (2 * body * n_tok + 2 * vocab * h * rows + attn) / flops)
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        steps.append((ev, n_tok, n_dec, ideal, kv_read))
+        return launch(so)
+
+    runner.execute_model_async = timed_launch
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        del runner.execute_model_async
+    end = torch.cuda.Event(enable_timing=True)
+    end.record()
+    torch.cuda.synchronize()
+    classes: dict[str, list[float]] = {}
+    for (ev, n_tok, n_dec, ideal, kv_read), nxt in zip(steps, [s[0] for s in steps[1:]] + [end]):
+        kind = "decode-only" if n_tok == n_dec else "with prefill"
+        c = classes.setdefault(kind, [0, 0.0, 0.0, 0, 0])
+        c[0] += 1
+        c[1] += ev.elapsed_time(nxt)
+        c[2] += 1e3 * ideal
+        c[3] += n_tok
+        c[4] += n_dec
+    return [f"| {k} | {n} | {t / n:.0f} | {d / n:.0f} | {ms:.0f} | {ideal:.0f} | {100 * ideal / ms:.0f}% |"
+            for k, (n, ms, ideal, t, d) in classes.items()]
+
+
 def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: dict, bw: float,
-        flops: float, tp: int = 1, profile: tuple[str, ...] = ()) -> dict:
+        flops: float, tp: int = 1, profile: tuple[str, ...] = (), steps: tuple[str, ...] = ()) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 2048,
@@ -88,6 +142,10 @@ def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: 
                          tokens=[o.outputs[0].token_ids for o in outs[:4]])
         print(f"async={async_scheduling} {name}: {res[name]['total_tps']:,.0f} tok/s total, "
               f"{res[name]['output_tps']:,.0f} out, {res[name]['pct']:.0f}% of floor", flush=True)
+        if name in steps and tp == 1:
+            llm.scheduler.reset_prefix_cache()
+            res[f"steps-{name}"] = step_breakdown(
+                llm, prompts, SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True), bw, flops)
         if name in profile:
             from benchmarks.profile_run import profile_generate
             profile_generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True),
@@ -105,6 +163,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="comma-separated workloads to profile after timing them "
                     "(device busy and idle gaps, top kernels; host functions to $OUT; see profile_run.py)")
     ap.add_argument("--modes", default="off,on", help="async_scheduling modes to run")
+    ap.add_argument("--steps", default="", help="comma-separated workloads whose steps to time by class "
+                    "(with prefill / decode-only) against each class's roofline (one GPU)")
     args = ap.parse_args()
     workloads = {"decode-heavy": (128, 32, args.decode_len, 0), "mixed": WORKLOADS["mixed"],
                  "shared-prefix": WORKLOADS["shared-prefix"]}
@@ -115,8 +175,9 @@ def main() -> None:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(LLAMA3_8B, f)
         modes = [m == "on" for m in args.modes.split(",")]
-        res = {mode: run(d, mode, args.attention_backend, workloads, bw, flops, args.tp,
-                         tuple(filter(None, args.profile.split(",")))) for mode in modes}
+        profile, steps = (tuple(filter(None, a.split(","))) for a in (args.profile, args.steps))
+        res = {mode: run(d, mode, args.attention_backend, workloads, bw, flops, args.tp, profile, steps)
+               for mode in modes}
     same = all(res[True][w]["tokens"] == res[False][w]["tokens"] for w in workloads) if len(res) == 2 else "n/a"
     print(f"\nGPU: {args.tp} x {gpu}; copy {bw / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s per GPU; "
           f"backend {next(iter(res.values()))['backend']}; greedy tokens equal in both modes: {same}\n")
@@ -135,6 +196,12 @@ def main() -> None:
             for batch in (1, 128):
                 wall, idle = res[mode][f"idle{batch}"]
                 print(f"| {'on' if mode else 'off'} | {batch} | {wall:.2f} | {idle:.3f} |")
+    for mode, r in res.items():
+        for key in (k for k in r if k.startswith("steps-")):
+            print(f"\n{key[6:]}, async_scheduling {'on' if mode else 'off'}: device time per class of step\n")
+            print("| steps | count | tokens per step | decode rows per step | device ms | roofline ms | % |")
+            print("|---|---|---|---|---|---|---|")
+            print("\n".join(r[key]))
 
 
 if __name__ == "__main__":
