@@ -5,6 +5,9 @@ from typing import ClassVar
 
 import torch
 
+FP8_KV = torch.float8_e4m3fn  # the fp8 KV-cache element (``kv_cache_dtype="fp8"``)
+FP8_KV_MAX = float(torch.finfo(FP8_KV).max)  # K/V values past +-this saturate when stored
+
 from attention.metadata import AttentionMetadata
 
 
@@ -37,6 +40,14 @@ class AttentionBackend:
                            block_size: int) -> str | None:
         """None if this backend runs here, else a sentence saying why not."""
         return None
+
+    @classmethod
+    def kv_cache_dtype_reason(cls, kv_dtype: torch.dtype, dtype: torch.dtype, device_type: str) -> str | None:
+        """None if this backend writes and reads a KV cache of ``kv_dtype`` for a model computing
+        in ``dtype`` on ``device_type``, else a sentence saying why not. By default only ``dtype``."""
+        if kv_dtype == dtype:
+            return None
+        return f"{cls.name} keeps the KV cache in the model's dtype ({dtype}), not {kv_dtype}"
 
     @classmethod
     def prepare(cls, md: AttentionMetadata) -> AttentionMetadata:

@@ -125,6 +125,14 @@ class CompositeAttentionBackend(AttentionBackend):
         return None
 
     @classmethod
+    def kv_cache_dtype_reason(cls, kv_dtype: torch.dtype, dtype: torch.dtype, device_type: str) -> str | None:
+        for role, sub in (("decode", cls.decode_cls), ("prefill", cls.prefill_cls)):  # both read one cache
+            reason = sub.kv_cache_dtype_reason(kv_dtype, dtype, device_type)
+            if reason:
+                return f"its {role} backend {sub.name!r}: {reason}"
+        return None
+
+    @classmethod
     def crossover_here(cls, device: torch.device) -> Crossover:
         return cls.crossover or crossover_for(family_key(device), cls.decode_cls.name, cls.prefill_cls.name)
 

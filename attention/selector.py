@@ -40,13 +40,21 @@ def load_backend(name: str) -> type[AttentionBackend]:
 
 
 def get_attn_backend(requested: str | None, device_type: str, dtype: torch.dtype, head_dim: int,
-                     block_size: int, preference: tuple[str, ...] = ("torch",)) -> type[AttentionBackend]:
+                     block_size: int, preference: tuple[str, ...] = ("torch",),
+                     kv_cache_dtype: torch.dtype | None = None) -> type[AttentionBackend]:
     """An explicit choice (argument, else env RUNNERS_ATTENTION_BACKEND) must run here or
-    fail with the reason; otherwise the first of the platform's ``preference`` that runs."""
+    fail with the reason; otherwise the first of the platform's ``preference`` that runs
+    (with a KV cache of ``kv_cache_dtype``; None: the model's ``dtype``)."""
     requested = requested or os.environ.get(ENV_VAR) or None
+    kv_dtype = kv_cache_dtype or dtype
+
+    def why_not(cls: type[AttentionBackend]) -> str | None:
+        return cls.unsupported_reason(device_type, dtype, head_dim, block_size) or \
+            cls.kv_cache_dtype_reason(kv_dtype, dtype, device_type)
+
     if requested:
         cls = load_backend(requested)
-        reason = cls.unsupported_reason(device_type, dtype, head_dim, block_size)
+        reason = why_not(cls)
         if reason:
             raise RuntimeError(f"attention backend {requested!r} cannot run here: {reason}")
         return cls
@@ -57,7 +65,7 @@ def get_attn_backend(requested: str | None, device_type: str, dtype: torch.dtype
         except (RuntimeError, ValueError) as e:
             reasons.append(str(e))
             continue
-        reason = cls.unsupported_reason(device_type, dtype, head_dim, block_size)
+        reason = why_not(cls)
         if reason is None:
             return cls
         reasons.append(f"{name}: {reason}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attention.backend import AttentionBackend
+from attention.backend import FP8_KV, FP8_KV_MAX, AttentionBackend
 from attention.metadata import AttentionMetadata
 
 
@@ -16,16 +16,28 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     reads: that keeps the write free of host syncs and shape changes (graph-safe).
     """
     num_tokens = slot_mapping.shape[0]
-    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    flat = _bytes(kv_cache).view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
     slots = slot_mapping.clamp_min(0)
-    flat[0].index_copy_(0, slots, k[:num_tokens].to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, v[:num_tokens].to(kv_cache.dtype))
+    flat[0].index_copy_(0, slots, _bytes(to_cache_dtype(k[:num_tokens], kv_cache.dtype)))
+    flat[1].index_copy_(0, slots, _bytes(to_cache_dtype(v[:num_tokens], kv_cache.dtype)))
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """fp8 as uint8 (same bits), for the indexing ops torch lacks for fp8 on some devices."""
+    return x.view(torch.uint8) if x.dtype == FP8_KV else x
+
+
+def to_cache_dtype(x: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the cache stores it: fp8 saturates at +-448 (a plain cast would give NaN)."""
+    if kv_dtype == FP8_KV:
+        x = x.clamp(-FP8_KV_MAX, FP8_KV_MAX)
+    return x.to(kv_dtype)
 
 
 def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``block_ids [..., nb]`` -> K and V ``[..., nb * block_size, Hkv, D]``."""
-    k = kv_cache[0][block_ids]
-    v = kv_cache[1][block_ids]
+    k = _bytes(kv_cache[0])[block_ids].view(kv_cache.dtype)
+    v = _bytes(kv_cache[1])[block_ids].view(kv_cache.dtype)
     shape = (*block_ids.shape[:-1], -1, kv_cache.shape[-2], kv_cache.shape[-1])
     return k.reshape(shape), v.reshape(shape)
 
@@ -43,6 +55,12 @@ class TorchAttentionBackend(AttentionBackend):
     """Exact and simple; decodes are batched into one call, prefill chunks go one by one."""
 
     name = "torch"
+
+    @classmethod
+    def kv_cache_dtype_reason(cls, kv_dtype: torch.dtype, dtype: torch.dtype, device_type: str) -> str | None:
+        if kv_dtype in (dtype, FP8_KV):
+            return None
+        return f"torch attention keeps K/V in {dtype} or {FP8_KV}, not {kv_dtype}"
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -71,6 +89,10 @@ class TorchAttentionBackend(AttentionBackend):
                 nb = -(-seq_len // kv_cache.shape[2])
                 keys, vals = gather_kv(kv_cache, md.block_table[r, :nb])
                 keys, vals = keys[:seq_len], vals[:seq_len]
+                if kv_cache.dtype != k.dtype and e - s >= 2:  # prefill rows attend to their new K/V as
+                    ctx = seq_len - (e - s)                   # computed, not as stored (as Triton's do)
+                    keys = torch.cat((keys[:ctx].to(k.dtype), k[s:e]))
+                    vals = torch.cat((vals[:ctx].to(v.dtype), v[s:e]))
             q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
             out[s:e] = _sdpa(q[None, s:e], keys[None], vals[None], mask[None], self.scale)[0]

@@ -47,9 +47,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attention.backend import AttentionBackend
+from attention.backend import FP8_KV, FP8_KV_MAX, AttentionBackend
 from attention.metadata import AttentionMetadata, dummy_prefill
-from platforms.triton_support import hopper_or_newer
+from platforms.triton_support import compute_capability, hopper_or_newer
 
 MIN_SPLIT_TOKENS = 64
 # prefix gather: when, over the step's cached prefix pages, the query blocks reading each page
@@ -213,7 +213,7 @@ def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tens
     if v.stride(-1) != 1:
         v = v.contiguous()
     kv_write_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, FP8_KV_MAX if kv_cache.dtype == FP8_KV else 0.0,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, H_PAD=_pow2(num_kv_heads), HEAD_DIM=head_dim,
@@ -450,11 +450,24 @@ class TritonAttentionBackend(AttentionBackend):
     WARM_UP_QUERY_LENS = (2, 4, 8, 16, 128, 1024)
     _warm: bool = False
 
+    @classmethod
+    def kv_cache_dtype_reason(cls, kv_dtype: torch.dtype, dtype: torch.dtype, device_type: str) -> str | None:
+        if kv_dtype == dtype:
+            return None
+        if kv_dtype != FP8_KV:
+            return f"triton keeps K/V in {dtype} or {FP8_KV}, not {kv_dtype}"
+        if device_type == "cuda" and not _interpret() and (compute_capability() or 0) < 89:
+            return f"{FP8_KV} K/V need an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper)"
+        if device_type not in ("cuda", "cpu"):
+            return f"{FP8_KV} K/V are not supported on {device_type}"
+        return None
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
         if kv_cache is not None:
-            if kv_cache.dtype != q.dtype:
-                raise ValueError(f"kv_cache dtype {kv_cache.dtype} != query dtype {q.dtype}")
+            reason = self.kv_cache_dtype_reason(kv_cache.dtype, q.dtype, q.device.type)
+            if reason:
+                raise ValueError(f"kv_cache dtype {kv_cache.dtype} with {q.dtype} queries: {reason}")
             if not self._warm:
                 self._warm_up(q, kv_cache)
         return super().forward(q, k, v, kv_cache, md)

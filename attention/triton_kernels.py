@@ -29,8 +29,8 @@ def _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, kv_tok0, col, tile_
         pos = t * BLOCK_N + offs_n
         if KV_MODE == DESC:
             row0 = kv_tok0 + t * BLOCK_N
-            k = k_base.load([row0, col])
-            v = v_base.load([row0, col])
+            k = k_base.load([row0, col]).to(q.dtype)  # fp8 gathered rows: select in q's type
+            v = v_base.load([row0, col]).to(q.dtype)
             if MASKED:  # rows past seq_len belong to other requests (or are out of bounds: 0)
                 in_len = (pos < seq_len)[:, None]
                 k = tl.where(in_len, k, 0.0)
@@ -379,12 +379,13 @@ def gather_pages_kernel(src_ptr, dst_ptr, page_ids_ptr, num_pages, src_kv_stride
 
 
 @triton.jit
-def kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+def kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, sat,
                     stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_cb, stride_ct, stride_ch,
                     NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr):
-    """Grid ``(num_tokens,)``: copy token t's K and V (all heads) to its slot; slot -1 skips."""
+    """Grid ``(num_tokens,)``: copy token t's K and V (all heads) to its slot; slot -1 skips.
+    ``sat`` > 0 clamps the values to +-sat first (fp8 caches: saturate, not NaN)."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -395,6 +396,9 @@ def kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct \
         + offs_h[:, None] * stride_ch + offs_d[None, :]
     k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if sat > 0:
+        k = tl.clamp(k.to(tl.float32), -sat, sat)
+        v = tl.clamp(v.to(tl.float32), -sat, sat)
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)

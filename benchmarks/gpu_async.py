@@ -118,12 +118,13 @@ def step_breakdown(llm, prompts: list, params, bw: float, flops: float) -> list[
 
 
 def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: dict, bw: float,
-        flops: float, tp: int = 1, profile: tuple[str, ...] = (), steps: tuple[str, ...] = ()) -> dict:
+        flops: float, tp: int = 1, profile: tuple[str, ...] = (), steps: tuple[str, ...] = (),
+        kv_cache_dtype: str = "auto") -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 2048,
               max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=backend,
-              async_scheduling=async_scheduling, tensor_parallel_size=tp)
+              async_scheduling=async_scheduling, tensor_parallel_size=tp, kv_cache_dtype=kv_cache_dtype)
     warm_up(llm, workloads)
     res = {"backend": llm.info.attention_backend, "bs1_tps": _bs1(llm)}
     if tp == 1:
@@ -163,6 +164,7 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="comma-separated workloads to profile after timing them "
                     "(device busy and idle gaps, top kernels; host functions to $OUT; see profile_run.py)")
     ap.add_argument("--modes", default="off,on", help="async_scheduling modes to run")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8 (the floors still count bf16 KV)")
     ap.add_argument("--steps", default="", help="comma-separated workloads whose steps to time by class "
                     "(with prefill / decode-only) against each class's roofline (one GPU)")
     args = ap.parse_args()
@@ -176,11 +178,12 @@ def main() -> None:
             json.dump(LLAMA3_8B, f)
         modes = [m == "on" for m in args.modes.split(",")]
         profile, steps = (tuple(filter(None, a.split(","))) for a in (args.profile, args.steps))
-        res = {mode: run(d, mode, args.attention_backend, workloads, bw, flops, args.tp, profile, steps)
-               for mode in modes}
+        res = {mode: run(d, mode, args.attention_backend, workloads, bw, flops, args.tp, profile, steps,
+                         args.kv_cache_dtype) for mode in modes}
     same = all(res[True][w]["tokens"] == res[False][w]["tokens"] for w in workloads) if len(res) == 2 else "n/a"
     print(f"\nGPU: {args.tp} x {gpu}; copy {bw / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s per GPU; "
-          f"backend {next(iter(res.values()))['backend']}; greedy tokens equal in both modes: {same}\n")
+          f"backend {next(iter(res.values()))['backend']}; KV cache {args.kv_cache_dtype}; "
+          f"greedy tokens equal in both modes: {same}\n")
     print("| async_scheduling | bs=1 tok/s (% of roofline) | decode-heavy total tok/s (% floor) | "
           "mixed out tok/s (% floor) | shared-prefix total tok/s (% floor) |")
     print("|---|---|---|---|---|")

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+# "auto": the model's dtype; "fp8" (= "fp8_e4m3", vLLM's names): float8_e4m3fn, values past +-448 saturate
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 EXECUTOR_BACKENDS = ("uni", "mp", "external_launcher")
 
 
@@ -16,7 +18,10 @@ class EngineConfig:
     the model's ``max_position_embeddings``. ``num_kv_blocks`` forces the KV pool size;
     ``kv_cache_memory_bytes`` forces its byte size; otherwise the runner's
     ``profile_run`` sizes it (``gpu_memory_utilization`` of device memory on GPUs).
-    ``tensor_parallel_size`` ranks each hold a shard of the model and of the KV cache;
+    ``kv_cache_dtype="fp8"`` stores K and V as float8_e4m3fn (half the bytes of bf16: twice the
+    blocks, half the decode attention's reads; values past +-448 saturate, no scales), where the
+    attention backend supports it (Triton, torch). ``tensor_parallel_size`` ranks each hold a
+    shard of the model and of the KV cache;
     ``distributed_executor_backend`` says how they run: ``"uni"`` (this process, one rank),
     ``"mp"`` (one spawned process per rank; the default when tensor_parallel_size > 1) or
     ``"external_launcher"`` (every rank is a process started by torchrun that builds its own
@@ -28,6 +33,7 @@ class EngineConfig:
     dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
+    kv_cache_dtype: str = "auto"
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -54,6 +60,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs"):

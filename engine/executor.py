@@ -55,6 +55,7 @@ class WorkerInfo:
     plan: str = ""  # the runner's DevicePlan in words (graphs, piecewise, padding)
     memory: str | None = None  # the KV sizing arithmetic, where the runner measured memory
     all_reduce: str | None = None  # how tensor-parallel all-reduces go (None: one rank)
+    kv_cache_dtype: str | None = None  # the KV cache's element type (None: not reported)
 
 
 class StepHandle(ABC):

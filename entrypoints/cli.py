@@ -62,6 +62,8 @@ def _engine_options() -> argparse.ArgumentParser:
     e.add_argument("--max-num-batched-tokens", type=int, default=8192, help="most tokens in one step")
     e.add_argument("--num-kv-blocks", type=int, default=None, help="force the KV pool size (default: sized from "
                    "free memory)")
+    e.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="auto: the model's dtype; fp8: float8_e4m3fn K/V (twice the blocks; Triton or torch attention)")
     e.add_argument("--attention-backend", default=None, help="torch, triton, flash or auto (Triton decode rows + "
                    "flash-attn prefill rows, chosen per step); default: the first of the platform's choices "
                    "that runs here")
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         llm = LLM(model=model, device=args.device, dtype=args.dtype, seed=args.seed,
                   attention_backend=args.attention_backend, num_kv_blocks=args.num_kv_blocks,
+                  kv_cache_dtype=args.kv_cache_dtype,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                   use_piecewise_graph=args.use_piecewise_graph, async_scheduling=args.async_scheduling,

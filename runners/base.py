@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from attention import AttentionMetadata, get_attn_backend
+from attention.backend import FP8_KV
 from distributed import TPGroup
 from engine.config import EngineConfig
 from engine.executor import DoneStep, StepHandle
@@ -83,11 +84,12 @@ class ModelRunnerBase(ABC):
         self.max_num_reqs = config.max_num_seqs
         self.max_num_tokens = config.max_num_batched_tokens
         self.max_blocks_per_req = -(-self.max_model_len // self.block_size)
+        kv_dtype = FP8_KV if config.kv_cache_dtype in ("fp8", "fp8_e4m3") else self.dtype
         self.attn_backend = get_attn_backend(
             config.attention_backend, self.device.type, self.dtype, mc.head_dim, self.block_size,
-            self.platform.attention_backends)
+            self.platform.attention_backends, kv_dtype)
         self.kv_cache_spec = KVCacheSpec(mc.num_hidden_layers, self.block_size,
-                                         mc.kv_heads_per_rank(self.tp.size), mc.head_dim, self.dtype)
+                                         mc.kv_heads_per_rank(self.tp.size), mc.head_dim, kv_dtype)
         self.input_batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         self.sampling_state = SamplingState(self.max_num_reqs, mc.vocab_size, self.device,
                                             config.seed, mc.eos_token_ids)

@@ -95,6 +95,7 @@ class Worker:
         return WorkerInfo(num_kv_blocks=r.num_kv_blocks, max_model_len=r.max_model_len, device=str(r.device),
                           platform=r.platform.name, runner=type(r).__name__, attention_backend=r.attn_backend.name,
                           dtype=str(r.dtype).removeprefix("torch."), tensor_parallel_size=self.world_size,
+                          kv_cache_dtype=str(r.kv_cache_spec.dtype).removeprefix("torch."),
                           num_graphs=r.graphs.num_graphs, plan=r.plan.describe(), memory=profile.describe() if profile is not None else None,
                           all_reduce=r.tp.describe_all_reduce(self.platform.dist_backend()) if r.tp.size > 1 else None)
 

@@ -267,3 +267,68 @@ def test_gpu_gathered_prefix(block_size: int) -> None:
         assert rel_err(out[:n], ref[:n].to(out.device)) < 3e-3
         assert torch.count_nonzero(out[n:]) == 0
     assert rel_err(outs[0][:n], outs[2][:n]) < 3e-3
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("gather", [True, False])
+def test_fp8_kv_cache(splits: int, gather: bool) -> None:
+    """An fp8 (e4m3) cache: the write stores K/V rounded to fp8 and the kernels read them back
+    into the query's dtype, for decode rows, prefill rows over cached prefixes (paged and
+    gathered) and splits. The new K/V here are fp8-representable, so the reference is exact."""
+    fp8 = torch.float8_e4m3fn
+    b = make_batch([40, 1, 33, 2, 1], [21, 50, 32, 16, 7], block_size=8, pad_reqs=1, pad_tokens=3,
+                   device=DEVICE, seed=17)
+    k, v = (t.to(fp8).float() for t in (b.k, b.v))
+    cache = b.kv_cache.to(fp8)
+    ref = dense_reference(b.q, k, v, cache, b.md, 0.125)
+    want = cache.clone()
+    write_kv_cache_triton(k, v, cache, b.md.slot_mapping)
+    write_kv_cache(k, v, want, b.md.slot_mapping)  # the torch reference's write: the same bytes
+    assert torch.equal(cache[:, 1:].view(torch.uint8), want[:, 1:].view(torch.uint8))  # (not the null block)
+    out = unified_attention(b.q, k, v, cache, b.md, 0.125, num_splits=splits, min_split_tokens=16,
+                            configs=(None, TileConfig(16, 4, 16, 4, 2)), prefix_gather=gather)
+    n = b.md.num_actual_tokens
+    assert out.dtype == b.q.dtype and rel_err(out[:n], ref[:n]) < 1e-5
+    assert torch.count_nonzero(out[n:]) == 0
+
+
+@pytest.mark.cpu
+def test_fp8_kv_write_saturates() -> None:
+    """Values past the e4m3 range are stored as +-448 (a plain cast gives NaN), by both writes;
+    the backend takes an fp8 cache and refuses another foreign dtype with the reason."""
+    fp8 = torch.float8_e4m3fn
+    k = torch.tensor([[[1000.0, -1000.0, 3.3, 0.0]]], device=DEVICE)
+    slots = torch.tensor([5], device=DEVICE)
+    for write in (write_kv_cache_triton, write_kv_cache):
+        cache = torch.zeros(2, 2, 4, 1, 4, dtype=fp8, device=DEVICE)
+        write(k, -k, cache, slots)
+        got = cache[:, 1, 1, 0].float().cpu()
+        assert got[0].tolist() == [448.0, -448.0, 3.25, 0.0] and got[1].tolist() == [-448.0, 448.0, -3.25, 0.0]
+    assert TritonAttentionBackend.kv_cache_dtype_reason(fp8, torch.bfloat16, DEVICE) is None
+    assert "int8" in TritonAttentionBackend.kv_cache_dtype_reason(torch.int8, torch.bfloat16, DEVICE)
+    assert "xpu" in TritonAttentionBackend.kv_cache_dtype_reason(fp8, torch.bfloat16, "xpu")
+    b = make_batch([3], [5], device=DEVICE)
+    be = TritonAttentionBackend(8, 2, 64, 0.125)
+    with pytest.raises(ValueError, match="float16"):
+        be(b.q, b.k, b.v, b.kv_cache.half(), b.md)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+def test_gpu_fp8_kv_cache() -> None:
+    """bf16 queries over an fp8 cache at the Llama-3-8B head layout, compiled: decode rows, and
+    prefill rows over cached prefixes, paged and gathered (TMA descriptors on Hopper)."""
+    fp8 = torch.float8_e4m3fn
+    b = make_batch([1, 700, 1, 300, 64], [900, 2000, 4000, 513, 8192], num_heads=32, num_kv_heads=8,
+                   head_dim=128, block_size=16, pad_reqs=2, pad_tokens=5, device=DEVICE,
+                   dtype=torch.bfloat16, seed=5)
+    k, v = (t.to(fp8).to(torch.bfloat16) for t in (b.k, b.v))
+    cache = b.kv_cache.to(fp8)
+    ref = dense_reference(b.q, k, v, cache, b.md, 128 ** -0.5)
+    write_kv_cache_triton(k, v, cache, b.md.slot_mapping)
+    n = b.md.num_actual_tokens
+    for gather in (True, False):
+        out = unified_attention(b.q, k, v, cache, b.md, 128 ** -0.5, prefix_gather=gather)
+        assert rel_err(out[:n], ref[:n].to(out.device)) < 3e-3
+        assert torch.count_nonzero(out[n:]) == 0
