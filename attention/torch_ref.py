@@ -36,8 +36,10 @@ def to_cache_dtype(x: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
 
 def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``block_ids [..., nb]`` -> K and V ``[..., nb * block_size, Hkv, D]``."""
-    k = _bytes(kv_cache[0])[block_ids].view(kv_cache.dtype)
-    v = _bytes(kv_cache[1])[block_ids].view(kv_cache.dtype)
+    if kv_cache.dtype == FP8_KV:  # (a dtype view, even to the same type, would leave XLA's graph)
+        k, v = (_bytes(kv_cache[i])[block_ids].view(FP8_KV) for i in (0, 1))
+    else:
+        k, v = kv_cache[0][block_ids], kv_cache[1][block_ids]
     shape = (*block_ids.shape[:-1], -1, kv_cache.shape[-2], kv_cache.shape[-1])
     return k.reshape(shape), v.reshape(shape)
 

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_all.sh crossover    attention crossovers (writes $OUT/crossovers.json), block sizes
 #   bash benchmarks/gpu_all.sh attention    throughput workloads with triton, flash and auto (one table);
 #                                           the shared-prefix workload with cascade attention off and on
+#   bash benchmarks/gpu_all.sh async        async scheduling off/on, mixed steps by kind; then on with an fp8 KV cache
 #   bash benchmarks/gpu_all.sh all          tests and throughput
 # Output goes to $OUT (or ./out) as logs and markdown tables.
 set -uo pipefail
@@ -38,6 +39,11 @@ fi
 if [[ $part == attention ]]; then
   python3 benchmarks/gpu_attention_e2e.py "${@:2}" 2>&1 | tee "$OUT/attention_e2e.log" | grep -v "^\s*$"
   python3 benchmarks/gpu_cascade.py 2>&1 | tee "$OUT/cascade.log" | grep -E "^\||cascade|GPU:"
+fi
+if [[ $part == async ]]; then
+  python3 benchmarks/gpu_async.py --decode-len 2048 --steps mixed 2>&1 | tee "$OUT/async.log" | grep -E "^\||GPU:|^mixed"
+  python3 benchmarks/gpu_async.py --decode-len 2048 --steps mixed --modes on --kv-cache-dtype fp8 2>&1 \
+    | tee "$OUT/async_fp8.log" | grep -E "^\||GPU:|^mixed"
 fi
 if [[ $part == tp ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/distributed/test_one_shot_gpu.py tests/workers/test_tp_gpu.py -s 2>&1 | tee "$OUT/tp_tests.log" | grep -E "bf16|passed|failed"
