@@ -5,10 +5,10 @@ from typing import ClassVar
 
 import torch
 
+from attention.metadata import AttentionMetadata
+
 FP8_KV = torch.float8_e4m3fn  # the fp8 KV-cache element (``kv_cache_dtype="fp8"``)
 FP8_KV_MAX = float(torch.finfo(FP8_KV).max)  # K/V values past +-this saturate when stored
-
-from attention.metadata import AttentionMetadata
 
 
 class AttentionBackend:
