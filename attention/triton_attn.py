@@ -53,7 +53,8 @@ from platforms.triton_support import compute_capability, hopper_or_newer
 
 MIN_SPLIT_TOKENS = 64
 # prefix gather: when, over the step's cached prefix pages, the query blocks reading each page
-# average at least this many (a page copied once then read N times by tiles beats N paged reads)
+# average at least this many (a page copied once then read N times by tiles beats N paged reads;
+# timed at N = 64 on an H200, not yet near the threshold)
 GATHER_MIN_READS = 4
 GATHER_MAX_TOKENS = 16384  # the most prefix tokens copied per layer (or twice the step's tokens)
 CASCADE_MIN_TOKENS = 256  # shared keys from which a cascade is taken when cascades are on
