@@ -214,11 +214,11 @@ def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tens
     if v.stride(-1) != 1:
         v = v.contiguous()
     kv_write_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, FP8_KV_MAX if kv_cache.dtype == FP8_KV else 0.0,
+        k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, H_PAD=_pow2(num_kv_heads), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[1], num_warps=4)
+        BLOCK_SIZE=k_cache.shape[1], SAT=FP8_KV_MAX if kv_cache.dtype == FP8_KV else 0.0, num_warps=4)
 
 
 @dataclass(frozen=True)

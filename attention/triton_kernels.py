@@ -379,13 +379,13 @@ def gather_pages_kernel(src_ptr, dst_ptr, page_ids_ptr, num_pages, src_kv_stride
 
 
 @triton.jit
-def kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, sat,
+def kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                     stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_cb, stride_ct, stride_ch,
                     NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr):
+                    BLOCK_SIZE: tl.constexpr, SAT: tl.constexpr):
     """Grid ``(num_tokens,)``: copy token t's K and V (all heads) to its slot; slot -1 skips.
-    ``sat`` > 0 clamps the values to +-sat first (fp8 caches: saturate, not NaN)."""
+    SAT > 0 clamps the values to +-SAT first (fp8 caches: saturate, not NaN)."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -397,8 +397,8 @@ def kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, sat,
         + offs_h[:, None] * stride_ch + offs_d[None, :]
     k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    if sat > 0:
-        k = tl.clamp(k.to(tl.float32), -sat, sat)
-        v = tl.clamp(v.to(tl.float32), -sat, sat)
+    if SAT > 0:  # (constexpr: no branch of another type at run time)
+        k = tl.clamp(k.to(tl.float32), -SAT, SAT)
+        v = tl.clamp(v.to(tl.float32), -SAT, SAT)
     tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
