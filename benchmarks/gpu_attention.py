@@ -240,6 +240,26 @@ def _time_case(label, q_lens, ctx, block_size, scale, with_flash):
     return label, t_ours, t_fa, kv_bytes, flops, how
 
 
+def gather_sweep(block_size: int) -> list[str]:
+    """Markdown rows: prefill rows of 64-2048 tokens over 8k cached (the query blocks reading each
+    cached page: q_len / 32), Triton with the prefix read page by page vs gathered first
+    (``prefix_gather`` False / True), to set ``GATHER_MIN_READS`` from."""
+    from attention.triton_attn import GATHER_MIN_READS, plan_prefix_gather
+    scale = D ** -0.5
+    rows = []
+    for q_len in (64, 128, 256, 512, 2048):
+        s = Inputs([q_len], [8192], block_size, torch.bfloat16)
+        t = {g: bench(lambda g=g: unified_attention(s.q, s.k, s.v, s.kv_cache, s.md, scale,
+                                                    prefix_gather=g))[0] * 1e3 for g in (False, True)}
+        auto = plan_prefix_gather(s.md, block_size, 32).num_pages > 0
+        rows.append(f"| {q_len} over 8k | {-(-q_len // 32)} | {t[False]:.1f} | {t[True]:.1f} | "
+                    f"{t[False] / t[True]:.2f} | {'gather' if auto else 'paged'} |")
+        del s
+    return [f"GATHER_MIN_READS = {GATHER_MIN_READS}", "",
+            "| prefill | query blocks per page | paged us | gathered us | paged / gathered | default |",
+            "|---|---|---|---|---|---|"] + rows
+
+
 def block_size_sweep(with_flash: bool):
     scale = D ** -0.5
     shapes = [("decode b=64 ctx=4096", [1] * 64, [4095] * 64),
@@ -260,6 +280,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time block sizes 16..128")
     ap.add_argument("--no-flash", action="store_true", help="skip the flash-attn-4 column")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--gather-sweep", action="store_true",
+                    help="also time the prefix gather against paged reads (64-2048 tokens over 8k)")
     args = ap.parse_args()
     if not torch.accelerator.is_available():
         sys.exit("needs a CUDA GPU")
@@ -300,6 +322,8 @@ def main() -> None:
             best[label] = min(best.get(label, (t, bs)), (t, bs))
         md_lines.append("\nBest block size for triton: " + ", ".join(
             f"{label}: {bs}" for label, (_, bs) in best.items()))
+    if args.gather_sweep:
+        md_lines += ["", "## Prefix gather vs paged reads (Triton, bf16)", ""] + gather_sweep(args.block_size)
     md_lines.append(f"\nTotal {time.time() - t0:.0f}s.")
     publish("\n".join(md_lines), "attention.md")
     sys.exit(1 if failed else 0)
