@@ -25,13 +25,8 @@ Launch plan (all decided on the host from shapes and host ints, never from devic
   written as zeros (by the kernel, not a host-sized slice), padded request rows do nothing.
 * a prefill block reads its request's cached prefix from the pages and its new tokens from the
   step's own K/V rows (TMA descriptors on CUDA sm90+, pointers elsewhere).
-* prefix gather (prefill rows over a cached prefix, long enough that several query blocks read
-  each cached page): once per layer the step's prefix pages are copied, request after request,
-  into contiguous rows (one copy kernel), which the prefill blocks then read by whole tiles,
-  as they read the new rows (TMA on Hopper), instead of gathering every tile page by page. The
-  page list is built on the device once per step (``PrefixGather``, kept in ``md.extra``); the
-  copy is bounded (``GATHER_MAX_TOKENS``, or twice the step's tokens) so it fits in the memory
-  the start-up profile measured.
+* prefix gather (``attention.prefix_gather``): a long prefill chunk over a long cached prefix
+  reads that prefix as contiguous rows copied once per layer, not page by page.
 * compiles happen at start-up: the first forward with a cache launches the prefill variants
   (``TritonAttentionBackend._warm_up``), and nothing a step varies (table width, split count)
   is a specialisation key.
@@ -41,30 +36,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from attention.backend import FP8_KV, FP8_KV_MAX, AttentionBackend
 from attention.metadata import AttentionMetadata, dummy_prefill
-from platforms.triton_support import compute_capability, hopper_or_newer
+from attention.prefix_gather import NO_GATHER, PrefixGather, gather_pages, plan_prefix_gather
+from platforms.triton_support import compute_capability, hopper_or_newer, interpreting
 
 MIN_SPLIT_TOKENS = 64
-# prefix gather: when, over the step's cached prefix pages, the query blocks reading each page
-# average at least this many (a page copied once then read N times by tiles beats N paged reads;
-# timed at N = 64 on an H200, not yet near the threshold)
-GATHER_MIN_READS = 4
-GATHER_MAX_TOKENS = 16384  # the most prefix tokens copied per layer (or twice the step's tokens)
 CASCADE_MIN_TOKENS = 256  # shared keys from which a cascade is taken when cascades are on
 MAX_SPLITS = 64
 _HEAD_DIMS = (32, 64, 128, 256)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_import_error() -> str | None:
@@ -221,68 +206,6 @@ def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tens
         BLOCK_SIZE=k_cache.shape[1], SAT=FP8_KV_MAX if kv_cache.dtype == FP8_KV else 0.0, num_warps=4)
 
 
-@dataclass(frozen=True)
-class PrefixGather:
-    """One step's cached prefix pages of its prefill rows (q_len >= 2, cached prefix > 0), in
-    request order: ``page_ids`` ``[num_pages]`` (cache pages) and ``first_page`` ``[R_pad]`` (where
-    request ``r``'s pages start in that list). Built on the device from the step's metadata
-    without a host sync; ``num_pages == 0``: this step does not gather."""
-
-    page_ids: torch.Tensor | None
-    first_page: torch.Tensor | None
-    num_pages: int
-
-
-NO_GATHER = PrefixGather(None, None, 0)
-
-
-def plan_prefix_gather(md: AttentionMetadata, block_size: int, block_q: int,
-                       force: bool | None = None) -> PrefixGather:
-    """The step's ``PrefixGather``, or ``NO_GATHER`` where it does not pay (``force=None``: the
-    query blocks reading each cached page average fewer than ``GATHER_MIN_READS``, or the copy
-    would exceed ``max(GATHER_MAX_TOKENS, 2 * md.num_tokens)`` tokens) or nothing is cached.
-    ``force=True`` gathers any cached prefix (tests, benchmarks), ``False`` never. Decided from
-    the host copies; the page list itself is computed on the device."""
-    qsl, lens = md.query_start_loc_cpu.astype(np.int64), md.seq_lens_cpu.astype(np.int64)
-    q_len = qsl[1:] - qsl[:-1]
-    ctx = lens - q_len
-    rows = (q_len >= 2) & (ctx > 0)
-    pages = np.where(rows, -(-ctx // block_size), 0)
-    num_pages = int(pages.sum())
-    if force is False or num_pages == 0:
-        return NO_GATHER
-    if force is None:
-        reads = int((np.where(rows, -(-q_len // block_q), 0) * pages).sum())
-        if reads < GATHER_MIN_READS * num_pages or \
-                num_pages * block_size > max(GATHER_MAX_TOKENS, 2 * md.num_tokens):
-            return NO_GATHER
-    qsl_d, lens_d = md.query_start_loc.long(), md.seq_lens.long()
-    q_len_d = qsl_d[1:] - qsl_d[:-1]
-    ctx_d = lens_d - q_len_d
-    pages_d = torch.where((q_len_d >= 2) & (ctx_d > 0), (ctx_d + block_size - 1) // block_size, 0)
-    first = torch.cumsum(pages_d, 0) - pages_d
-    req = torch.repeat_interleave(torch.arange(len(pages_d), device=pages_d.device), pages_d,
-                                  output_size=num_pages)  # output_size: no host sync
-    page_ids = md.block_table[req, torch.arange(num_pages, device=req.device) - first[req]]
-    return PrefixGather(page_ids, first.to(torch.int32), num_pages)
-
-
-def _gather_pages(kv_cache: torch.Tensor, gather: PrefixGather) -> torch.Tensor:
-    """``kv_cache[:, gather.page_ids]`` as ``[2, pages * block_size, Hk, D]``, one Triton copy
-    (torch's indexing of the middle dimension ran at a fifth of the copy bandwidth on an H200)."""
-    from attention.triton_kernels import gather_pages_kernel
-    block_size, hk, d = kv_cache.shape[2:]
-    if not kv_cache[0].is_contiguous():
-        raise ValueError("prefix gather needs each of K and V's caches contiguous")
-    page_elems = block_size * hk * d
-    out = kv_cache.new_empty(2, gather.num_pages * block_size, hk, d)
-    block = min(4096, _pow2(page_elems))
-    gather_pages_kernel[(gather.num_pages, 2, -(-page_elems // block))](
-        kv_cache, out, gather.page_ids, gather.num_pages, kv_cache.stride(0),
-        PAGE_ELEMS=page_elems, BLOCK=block, num_warps=4)
-    return out
-
-
 def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       kv_cache: torch.Tensor | None, md: AttentionMetadata, scale: float,
                       num_splits: int | None = None,
@@ -356,7 +279,7 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         gather = prefix_gather if isinstance(prefix_gather, PrefixGather) else \
             plan_prefix_gather(md, block_size, pre.block_q, prefix_gather)
     if gather.num_pages:  # K and V rows [pages * block_size, Hk, D]
-        rows = _gather_pages(kv_cache, gather)
+        rows = gather_pages(kv_cache, gather)
         gk, gv, g_first = rows[0], rows[1], gather.first_page
     else:
         gk, gv, g_first = k_new, v_new, md.seq_lens  # unused
@@ -435,7 +358,7 @@ class TritonAttentionBackend(AttentionBackend):
         err = triton_import_error()
         if err:
             return err
-        if device_type not in ("cuda", "xpu") and not (device_type == "cpu" and _interpret()):
+        if device_type not in ("cuda", "xpu") and not (device_type == "cpu" and interpreting()):
             return (f"triton kernels need a cuda or xpu device, got {device_type!r} "
                     "(cpu only with TRITON_INTERPRET=1)")
         if dtype not in _DTYPES:
@@ -457,7 +380,7 @@ class TritonAttentionBackend(AttentionBackend):
             return None
         if kv_dtype != FP8_KV:
             return f"triton keeps K/V in {dtype} or {FP8_KV}, not {kv_dtype}"
-        if device_type == "cuda" and not _interpret() and (compute_capability() or 0) < 89:
+        if device_type == "cuda" and not interpreting() and (compute_capability() or 0) < 89:
             return f"{FP8_KV} K/V need an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper)"
         if device_type not in ("cuda", "cpu"):
             return f"{FP8_KV} K/V are not supported on {device_type}"

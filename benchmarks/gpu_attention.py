@@ -244,7 +244,7 @@ def gather_sweep(block_size: int) -> list[str]:
     """Markdown rows: prefill rows of 64-2048 tokens over 8k cached (the query blocks reading each
     cached page: q_len / 32), Triton with the prefix read page by page vs gathered first
     (``prefix_gather`` False / True), to set ``GATHER_MIN_READS`` from."""
-    from attention.triton_attn import GATHER_MIN_READS, plan_prefix_gather
+    from attention.prefix_gather import GATHER_MIN_READS, plan_prefix_gather
     scale = D ** -0.5
     rows = []
     for q_len in (64, 128, 256, 512, 2048):

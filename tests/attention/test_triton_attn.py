@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from attention.triton_attn import (GATHER_MIN_READS, NO_GATHER, PrefixGather, TileConfig, TritonAttentionBackend,
-                                   choose_num_splits, fit_shared_memory, plan_prefix_gather, prefill_config,
-                                   unified_attention, write_kv_cache_triton)
+from attention.prefix_gather import GATHER_MIN_READS, NO_GATHER, PrefixGather, plan_prefix_gather
+from attention.triton_attn import (TileConfig, TritonAttentionBackend, choose_num_splits, fit_shared_memory,
+                                   prefill_config, unified_attention, write_kv_cache_triton)
 from attention.torch_ref import write_kv_cache
 from tests.attention.batch_utils import dense_reference, make_batch, rel_err, torch_reference_backend
 
