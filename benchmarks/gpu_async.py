@@ -71,8 +71,8 @@ def step_breakdown(llm, prompts: list, params, bw: float, flops: float) -> list[
     kind of step separates a workload from its floor. One GPU, one process."""
     cfg = LLAMA3_8B
     h, L, kvh, hd = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
-    qh, inter, vocab = cfg["num_attention_heads"], cfg["intermediate_size"], cfg["vocab_size"]
-    body = L * (h * (qh + 2 * kvh) * hd + qh * hd * h + 3 * h * inter)  # params every token multiplies
+    qh, vocab = cfg["num_attention_heads"], cfg["vocab_size"]
+    body = params_of(cfg) - 2 * vocab * h  # params every token multiplies (not the embedding, lm_head)
     kv_tok = 2 * L * kvh * hd * 2
     runner = llm.runner
     launch = runner.execute_model_async

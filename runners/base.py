@@ -84,7 +84,7 @@ class ModelRunnerBase(ABC):
         self.max_num_reqs = config.max_num_seqs
         self.max_num_tokens = config.max_num_batched_tokens
         self.max_blocks_per_req = -(-self.max_model_len // self.block_size)
-        kv_dtype = FP8_KV if config.kv_cache_dtype in ("fp8", "fp8_e4m3") else self.dtype
+        kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else FP8_KV  # the config admits fp8 names only
         self.attn_backend = get_attn_backend(
             config.attention_backend, self.device.type, self.dtype, mc.head_dim, self.block_size,
             self.platform.attention_backends, kv_dtype)

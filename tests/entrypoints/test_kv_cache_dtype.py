@@ -70,17 +70,10 @@ def test_fp8_cache_refusals_name_the_problem():
     with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'fp8', 'fp8_e4m3'\), got 'int8'"):
         EngineConfig(kv_cache_dtype="int8")
     fp8 = torch.float8_e4m3fn
-
-    class ModelDtypeOnly(AttentionBackend):
-        name = "plain"
-
-        def forward(self, q, k, v, kv_cache, md):  # pragma: no cover - never run
-            raise AssertionError
-
-    assert ModelDtypeOnly.kv_cache_dtype_reason(torch.float32, torch.float32, "cpu") is None
-    assert "model's dtype" in ModelDtypeOnly.kv_cache_dtype_reason(fp8, torch.float32, "cpu")
-    mixed = composite_backend(TorchAttentionBackend, ModelDtypeOnly)
-    assert mixed.kv_cache_dtype_reason(fp8, torch.float32, "cpu").startswith("its prefill backend 'plain'")
+    assert _Plain.kv_cache_dtype_reason(torch.float32, torch.float32, "cpu") is None
+    assert "model's dtype" in _Plain.kv_cache_dtype_reason(fp8, torch.float32, "cpu")
+    mixed = composite_backend(TorchAttentionBackend, _Plain)
+    assert mixed.kv_cache_dtype_reason(fp8, torch.float32, "cpu").startswith("its prefill backend 'plain_test'")
     assert composite_backend(TorchAttentionBackend, TorchAttentionBackend).kv_cache_dtype_reason(
         fp8, torch.float32, "cpu") is None
     with pytest.raises(RuntimeError, match="attention backend 'xla' cannot run here"):
