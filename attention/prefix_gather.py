@@ -23,13 +23,17 @@ GATHER_MAX_TOKENS = 16384  # the most prefix tokens copied per layer (or twice t
 @dataclass(frozen=True)
 class PrefixGather:
     """One step's cached prefix pages of its prefill rows (q_len >= 2, cached prefix > 0), in
-    request order: ``page_ids`` ``[num_pages]`` (cache pages) and ``first_page`` ``[R_pad]`` (where
-    request ``r``'s pages start in that list). Built on the device from the step's metadata
-    without a host sync; ``num_pages == 0``: this step does not gather."""
+    request order: ``page_ids`` ``[num_pages]`` (cache pages), ``page_rows`` ``[num_pages]`` (how
+    many of each page's slots hold prefix keys; the copy zeroes the rest) and ``first_page``
+    ``[R_pad]`` (where request ``r``'s pages start in that list). Built on the device from the
+    step's metadata without a host sync; ``num_pages == 0``: this step does not gather, and then
+    ``cached_pages`` says whether its prefill rows read cached pages at all (page by page)."""
 
     page_ids: torch.Tensor | None
     first_page: torch.Tensor | None
     num_pages: int
+    page_rows: torch.Tensor | None = None
+    cached_pages: int = 0  # the prefill rows' cached prefix pages, gathered or not
 
 
 NO_GATHER = PrefixGather(None, None, 0)
@@ -48,13 +52,16 @@ def plan_prefix_gather(md: AttentionMetadata, block_size: int, block_q: int,
     rows = (q_len >= 2) & (ctx > 0)
     pages = np.where(rows, -(-ctx // block_size), 0)
     num_pages = int(pages.sum())
-    if force is False or num_pages == 0:
+    if num_pages == 0:
         return NO_GATHER
+    paged = PrefixGather(None, None, 0, cached_pages=num_pages)  # read page by page
+    if force is False:
+        return paged
     if force is None:
         reads = int((np.where(rows, -(-q_len // block_q), 0) * pages).sum())
         if reads < GATHER_MIN_READS * num_pages or \
                 num_pages * block_size > max(GATHER_MAX_TOKENS, 2 * md.num_tokens):
-            return NO_GATHER
+            return paged
     qsl_d, lens_d = md.query_start_loc.long(), md.seq_lens.long()
     q_len_d = qsl_d[1:] - qsl_d[:-1]
     ctx_d = lens_d - q_len_d
@@ -62,13 +69,17 @@ def plan_prefix_gather(md: AttentionMetadata, block_size: int, block_q: int,
     first = torch.cumsum(pages_d, 0) - pages_d
     req = torch.repeat_interleave(torch.arange(len(pages_d), device=pages_d.device), pages_d,
                                   output_size=num_pages)  # output_size: no host sync
-    page_ids = md.block_table[req, torch.arange(num_pages, device=req.device) - first[req]]
-    return PrefixGather(page_ids, first.to(torch.int32), num_pages)
+    in_req = torch.arange(num_pages, device=req.device) - first[req]  # page i of its request
+    page_ids = md.block_table[req, in_req]
+    page_rows = (ctx_d[req] - in_req * block_size).clamp(0, block_size).to(torch.int32)
+    return PrefixGather(page_ids, first.to(torch.int32), num_pages, page_rows, num_pages)
 
 
 def gather_pages(kv_cache: torch.Tensor, gather: PrefixGather) -> torch.Tensor:
     """``kv_cache[:, gather.page_ids]`` as ``[2, pages * block_size, Hk, D]``, one Triton copy
-    (torch's indexing of the middle dimension ran at a fifth of the copy bandwidth on an H200)."""
+    (torch's indexing of the middle dimension ran at a fifth of the copy bandwidth on an H200),
+    with each page's slots past its prefix (``page_rows``) zero: every row is finite, so a kernel
+    may multiply the rows past a prefix by a zero probability without masking them."""
     from attention.triton_kernels import gather_pages_kernel  # triton is optional: imported on use
     block_size, hk, d = kv_cache.shape[2:]
     if not kv_cache[0].is_contiguous():
@@ -77,6 +88,6 @@ def gather_pages(kv_cache: torch.Tensor, gather: PrefixGather) -> torch.Tensor:
     out = kv_cache.new_empty(2, gather.num_pages * block_size, hk, d)
     block = min(4096, 1 << (page_elems - 1).bit_length())
     gather_pages_kernel[(gather.num_pages, 2, -(-page_elems // block))](
-        kv_cache, out, gather.page_ids, gather.num_pages, kv_cache.stride(0),
-        PAGE_ELEMS=page_elems, BLOCK=block, num_warps=4)
+        kv_cache, out, gather.page_ids, gather.page_rows, gather.num_pages, kv_cache.stride(0),
+        PAGE_ELEMS=page_elems, ROW_ELEMS=hk * d, BLOCK=block, num_warps=4)
     return out

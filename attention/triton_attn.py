@@ -27,6 +27,9 @@ Launch plan (all decided on the host from shapes and host ints, never from devic
   step's own K/V rows (TMA descriptors on CUDA sm90+, pointers elsewhere).
 * prefix gather (``attention.prefix_gather``): a long prefill chunk over a long cached prefix
   reads that prefix as contiguous rows copied once per layer, not page by page.
+* on sm90 the prefill blocks go to a warp-specialised Gluon kernel (``attention.hopper_prefill``,
+  the same blocks and keys) unless the step splits, reads a cached prefix page by page or uses
+  custom tiles; ``prefill_kernel`` forces either kernel.
 * compiles happen at start-up: the first forward with a cache launches the prefill variants
   (``TritonAttentionBackend._warm_up``), and nothing a step varies (table width, split count)
   is a specialisation key.
@@ -185,6 +188,17 @@ def _rows_descriptor(t: torch.Tensor, block_n: int):
     return TensorDescriptor(t, shape=[tokens, heads * d], strides=[t.stride(0), 1], block_shape=[block_n, d])
 
 
+def _gluon_refusal(q: torch.Tensor, kv_cache: torch.Tensor | None, pre: TileConfig, custom_tile: bool,
+                   use_desc: bool, split: bool, gather: PrefixGather) -> str | None:
+    """Why this step's prefill blocks stay with the unified kernel (None: the Gluon kernel takes them)."""
+    from attention.hopper_prefill import unavailable_reason
+    if custom_tile or split or not use_desc:
+        return "it takes the default tile, no split-KV and new K/V rows a TMA descriptor can read"
+    if gather.cached_pages and not gather.num_pages:
+        return "its prefill rows read a cached prefix page by page (not gathered)"
+    return unavailable_reason(q, q.dtype if kv_cache is None else kv_cache.dtype, pre.block_m)
+
+
 def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
     """Fused K+V store by ``slot_mapping``; slot -1 (padding) leaves the cache untouched."""
@@ -212,7 +226,8 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       min_split_tokens: int = MIN_SPLIT_TOKENS,
                       configs: tuple[TileConfig | None, TileConfig | None] = (None, None),
                       new_kv: str | None = None,
-                      prefix_gather: PrefixGather | bool | None = None) -> torch.Tensor:
+                      prefix_gather: PrefixGather | bool | None = None,
+                      prefill_kernel: str | None = None) -> torch.Tensor:
     """Attention of q ``[T, Hq, D]`` over the paged cache (or over k/v when the cache is None).
 
     ``num_splits`` overrides the split heuristic (1 = no split), ``min_split_tokens`` the
@@ -220,7 +235,9 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the step's new K/V rows are read ("rows": pointers, "desc": tensor descriptors; None: descriptors
     on CUDA sm90+, where they map to TMA): for tests and benchmarks. ``prefix_gather``: the
     step's plan (the backend builds it once per step), or None/True/False for
-    ``plan_prefix_gather``'s heuristic / always / never.
+    ``plan_prefix_gather``'s heuristic / always / never. ``prefill_kernel``: "triton" (the unified
+    kernel), "gluon" (``attention.hopper_prefill``; an error where it cannot serve) or None (Gluon
+    on sm90 where it can: no split, default tiles, keys from new rows or a gathered prefix).
     """
     from attention.triton_kernels import cascade_prefix_kernel, split_reduce_kernel, unified_attention_kernel
     num_tokens, num_heads, head_dim = q.shape
@@ -237,6 +254,8 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     new_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1))
     if new_kv not in (None, "rows", "desc"):
         raise ValueError(f"new_kv must be None, 'rows' or 'desc', got {new_kv!r}")
+    if prefill_kernel not in (None, "triton", "gluon"):
+        raise ValueError(f"prefill_kernel must be None, 'triton' or 'gluon', got {prefill_kernel!r}")
     use_desc = (new_kv == "desc" or (new_kv is None and hopper_or_newer(q.device))) \
         and _descriptor_ok(k_new) and _descriptor_ok(v_new)
     has_cache = kv_cache is not None
@@ -284,6 +303,16 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         gk, gv, g_first = k_new, v_new, md.seq_lens  # unused
     qk_scale = scale * math.log2(math.e)
+    if pre is not None and prefill_kernel != "triton":
+        why = _gluon_refusal(q, kv_cache, pre, configs[1] is not None, use_desc, split, gather)
+        if why is None:
+            from attention.hopper_prefill import hopper_prefill
+            hopper_prefill(out, q, k_new, v_new, (gk, gv, g_first) if gather.num_pages else None, md.seq_lens,
+                           md.query_start_loc, qk_scale, grid_pre, q_per_kv, g_pad, pre.block_q, block_size,
+                           has_cache, zero_pad=True)
+            pre = None  # served
+        elif prefill_kernel == "gluon":
+            raise ValueError(f"prefill_kernel='gluon' cannot serve this step: {why}")
     dot_prec = "ieee" if q.dtype == torch.float32 else None  # fp32: no tf32 (1e-5 target)
     bt = md.block_table
     prefix = md.shared_prefix if casc else md.seq_lens  # (unused without a cascade)
@@ -335,6 +364,8 @@ class TritonAttentionBackend(AttentionBackend):
     min_split_tokens: int = MIN_SPLIT_TOKENS
     #: how the new K/V rows are read: "rows", "desc" or None (descriptors on CUDA sm90+)
     new_kv: str | None = None
+    #: the prefill blocks' kernel: "triton", "gluon" or None (Gluon on sm90 where it serves)
+    prefill_kernel: str | None = None
     #: cascade attention for pure-decode steps of at least ``cascade_min_reqs`` requests that
     #: share at least ``cascade_min_tokens`` leading keys (``md.shared_prefix_len``); 0: never
     #: (``benchmarks/gpu_cascade.py`` measures both)
@@ -425,5 +456,6 @@ class TritonAttentionBackend(AttentionBackend):
                 md.extra = plan_prefix_gather(md, kv_cache.shape[2], tile.block_q)
             gather = md.extra
         return unified_attention(q, k, v, kv_cache, md, self.scale, self.num_splits_override,
-                                 self.min_split_tokens, new_kv=self.new_kv, prefix_gather=gather)
+                                 self.min_split_tokens, new_kv=self.new_kv, prefix_gather=gather,
+                                 prefill_kernel=self.prefill_kernel)
 

@@ -364,17 +364,20 @@ def split_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr,
 
 
 @triton.jit(do_not_specialize=["num_pages"])
-def gather_pages_kernel(src_ptr, dst_ptr, page_ids_ptr, num_pages, src_kv_stride,
-                        PAGE_ELEMS: tl.constexpr, BLOCK: tl.constexpr):
+def gather_pages_kernel(src_ptr, dst_ptr, page_ids_ptr, page_rows_ptr, num_pages, src_kv_stride,
+                        PAGE_ELEMS: tl.constexpr, ROW_ELEMS: tl.constexpr, BLOCK: tl.constexpr):
     """Grid ``(pages, 2, cdiv(PAGE_ELEMS, BLOCK))``: copy K (axis 1 = 0) or V (1) of page
     ``page_ids[p]`` of the cache ``[2, blocks, PAGE_ELEMS]`` (V at ``src_kv_stride``) to row ``p`` of
-    ``dst`` ``[2, num_pages, PAGE_ELEMS]``."""
+    ``dst`` ``[2, num_pages, PAGE_ELEMS]``; slots from ``page_rows[p]`` on (``ROW_ELEMS`` each)
+    are written as zeros, not read."""
     p = tl.program_id(0)
     kv = tl.program_id(1)
     offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PAGE_ELEMS
     page = tl.load(page_ids_ptr + p).to(tl.int64)
-    x = tl.load(src_ptr + kv.to(tl.int64) * src_kv_stride + page * PAGE_ELEMS + offs, mask=mask)
+    live = offs < tl.load(page_rows_ptr + p) * ROW_ELEMS
+    x = tl.load(src_ptr + kv.to(tl.int64) * src_kv_stride + page * PAGE_ELEMS + offs, mask=mask & live,
+                other=0.0)
     tl.store(dst_ptr + (kv * num_pages + p).to(tl.int64) * PAGE_ELEMS + offs, x, mask=mask)
 
 

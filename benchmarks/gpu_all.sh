@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_all.sh tp           two GPUs: all-reduce latency, TP=1 vs TP=2 (8B), 70B at TP=2
 #   bash benchmarks/gpu_all.sh piecewise    piecewise vs simple graphs: startup, then workloads (8B shape)
 #   bash benchmarks/gpu_all.sh crossover    attention crossovers (writes $OUT/crossovers.json), block sizes,
-#                                           the attention table with the prefix gather against paged reads
+#                                           the attention table with the prefix gather against paged reads,
+#                                           the Hopper (Gluon) prefill tiles against the unified kernel and FA4
 #   bash benchmarks/gpu_all.sh attention    throughput workloads with triton, flash and auto (one table);
 #                                           the shared-prefix workload with cascade attention off and on
 #   bash benchmarks/gpu_all.sh async        async scheduling off/on, mixed steps by kind; then on with an fp8 KV cache
@@ -38,6 +39,7 @@ if [[ $part == crossover ]]; then
   python3 benchmarks/gpu_block_size.py 2>&1 | tee "$OUT/block_size.log" | grep -v -i warn | tail -12
   python3 benchmarks/gpu_attention.py --skip-correctness --gather-sweep 2>&1 | tee "$OUT/attention_gather.log" \
     | grep -E "^\||GATHER"
+  python3 benchmarks/gpu_gluon_prefill.py 2>&1 | tee "$OUT/gluon_prefill.log" | grep -E "^\||^best"
 fi
 if [[ $part == attention ]]; then
   python3 benchmarks/gpu_attention_e2e.py "${@:2}" 2>&1 | tee "$OUT/attention_e2e.log" | grep -v "^\s*$"

@@ -8,7 +8,8 @@ rows, forced split / no split, the no-cache profiling path, a CUDA-graph replay 
 contexts than at capture); float32 must be within 1e-5 (relative L2), bf16 within 1e-2.
 (b) speed on the Llama-3-8B attention shape (32 q heads, 8 kv heads, head_dim 128, bf16):
 decode batch x context and prefill chunks over a prefix, Triton vs flash-attn-4 on the same
-paged inputs (CUDA-graph replays, median, rotating inputs), KV-read TB/s and TFLOP/s.
+paged inputs (CUDA-graph replays, median, rotating inputs), KV-read TB/s and TFLOP/s; prefill
+rows also with the prefill blocks in the unified kernel (the default takes the Gluon kernel on sm90).
 The markdown tables go to stdout and to $OUT/attention.md when OUT is set.
 """
 from __future__ import annotations
@@ -222,10 +223,10 @@ def _time_case(label, q_lens, ctx, block_size, scale, with_flash):
     sets = [Inputs(q_lens, ctx, block_size, torch.bfloat16, seed=i) for i in range(rot)]
     it = {"i": 0}
 
-    def ours() -> None:
+    def ours(kernel: str | None = None) -> None:
         s = sets[it["i"] % len(sets)]
         it["i"] += 1
-        unified_attention(s.q, s.k, s.v, s.kv_cache, s.md, scale)
+        unified_attention(s.q, s.k, s.v, s.kv_cache, s.md, scale, prefill_kernel=kernel)
 
     def theirs() -> None:
         s = sets[it["i"] % len(sets)]
@@ -233,11 +234,13 @@ def _time_case(label, q_lens, ctx, block_size, scale, with_flash):
         fa4_fn(s.q, s.kv_cache, s.md, scale)
 
     t_ours, how = bench(ours)
+    # the prefill blocks in the unified Triton kernel too (the default takes Gluon on sm90)
+    t_unified = bench(lambda: ours("triton"))[0] if max(q_lens) > 1 else float("nan")
     t_fa = bench(theirs)[0] if with_flash else float("nan")
     flops = 4 * HQ * D * sum(q * c + q * (q + 1) / 2 for q, c in zip(q_lens, ctx))
     del sets
     torch.accelerator.empty_cache()
-    return label, t_ours, t_fa, kv_bytes, flops, how
+    return label, t_ours, t_fa, kv_bytes, flops, how, t_unified
 
 
 def gather_sweep(block_size: int) -> list[str]:
@@ -304,13 +307,15 @@ def main() -> None:
             md_lines.append(f"| {label} | {dt} | {e_ref:.2e} | {e64:.2e} | {'yes' if ok else 'NO'} |")
         print(f"correctness done in {time.time() - t0:.0f}s", flush=True)
     md_lines += ["", "## Speed, Llama-3-8B attention (32/8 heads, d=128, bf16)", "",
-                 "| case | triton us | flash-attn-4 us | triton/FA4 | triton KV TB/s | triton TFLOP/s |",
-                 "|---|---|---|---|---|---|"]
-    for label, t, tf, kv_bytes, flops, how in speed(args.block_size, args.quick, with_flash):
+                 "| case | triton us | unified kernel us | flash-attn-4 us | triton/FA4 | triton KV TB/s | "
+                 "triton TFLOP/s |",
+                 "|---|---|---|---|---|---|---|"]
+    for label, t, tf, kv_bytes, flops, how, tu in speed(args.block_size, args.quick, with_flash):
         goal = 1.1 if label.startswith("decode") else 1.2
         ratio = t / tf if with_flash else float("nan")
         mark = "" if not with_flash else (" ok" if ratio <= goal else " SLOW")
-        md_lines.append(f"| {label} | {t * 1e3:.1f} | {tf * 1e3:.1f} | {ratio:.2f}{mark} | "
+        unified = "-" if math.isnan(tu) else f"{tu * 1e3:.1f}"
+        md_lines.append(f"| {label} | {t * 1e3:.1f} | {unified} | {tf * 1e3:.1f} | {ratio:.2f}{mark} | "
                         f"{kv_bytes / t / 1e9:.2f} | {flops / t / 1e9:.0f} |")
     md_lines.append(f"\nTiming: {how} (median), inputs rotated when the KV fits in L2 several times.")
     if args.sweep:

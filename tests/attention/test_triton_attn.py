@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from attention.prefix_gather import GATHER_MIN_READS, NO_GATHER, PrefixGather, plan_prefix_gather
+from attention.prefix_gather import (GATHER_MIN_READS, NO_GATHER, PrefixGather, gather_pages,
+                                     plan_prefix_gather)
 from attention.triton_attn import (TileConfig, TritonAttentionBackend, choose_num_splits, fit_shared_memory,
                                    prefill_config, unified_attention, write_kv_cache_triton)
 from attention.torch_ref import write_kv_cache
@@ -111,6 +112,10 @@ def test_prefill_reads_cached_prefix_and_new_rows(new_kv: str, splits: int) -> N
     assert rel_err(no_cache[:n], dense_reference(b.q, b.k, b.v, None, b.md, 0.125)[:n]) < 1e-5
     with pytest.raises(ValueError, match="new_kv"):
         unified_attention(q, k, v, cache, b.md, 0.125, new_kv="tma")
+    with pytest.raises(ValueError, match="prefill_kernel"):
+        unified_attention(q, k, v, cache, b.md, 0.125, prefill_kernel="cutlass")
+    with pytest.raises(ValueError, match="cannot serve"):  # custom tiles; off sm90 too
+        unified_attention(q, k, v, cache, b.md, 0.125, configs=tiles, prefill_kernel="gluon")
 
 
 @pytest.mark.cpu
@@ -131,6 +136,12 @@ def test_gathered_prefix_equals_paged_and_reference(new_kv: str, splits: int) ->
     want = [int(p) for r, c in ((0, 21), (2, 32), (3, 16)) for p in b.md.block_table[r, :-(-c // 8)]]
     assert plan.num_pages == len(want) and plan.page_ids.tolist() == want
     assert plan.first_page.tolist() == [0, 3, 3, 7, 9, 9]
+    assert plan.page_rows.tolist() == [8, 8, 5, 8, 8, 8, 8, 8, 8] and plan.cached_pages == 9
+    # the copy: each prefix's keys, then zeros (not the poison) to the end of its last page
+    rows = gather_pages(cache, plan).view(2, 9, 8, *cache.shape[3:])
+    live = torch.arange(8) < plan.page_rows.cpu()[:, None]
+    torch.testing.assert_close(rows[:, live], cache[:, plan.page_ids][:, live], rtol=0, atol=0)
+    assert torch.count_nonzero(rows[:, ~live]) == 0
     outs = {mode: unified_attention(b.q, b.k, b.v, cache, b.md, 0.125, num_splits=splits, min_split_tokens=16,
                                     configs=tiles, new_kv=new_kv, prefix_gather=mode) for mode in (True, False)}
     n = b.md.num_actual_tokens
@@ -149,12 +160,15 @@ def test_prefix_gather_heuristic_and_one_plan_per_step() -> None:
     short_rows = make_batch([8, 8], [40, 40], block_size=8, device=DEVICE, seed=2)
     no_prefix = make_batch([64, 1], [0, 9], block_size=8, device=DEVICE, seed=3)
     assert plan_prefix_gather(long_rows.md, 8, 4).num_pages == 5  # 16 query blocks read each page
-    assert plan_prefix_gather(short_rows.md, 8, 4) is NO_GATHER  # 2 < GATHER_MIN_READS
+    paged = plan_prefix_gather(short_rows.md, 8, 4)  # 2 < GATHER_MIN_READS: read page by page
+    assert (paged.num_pages, paged.cached_pages) == (0, 10)
     assert plan_prefix_gather(short_rows.md, 8, 8 // GATHER_MIN_READS).num_pages == 10
-    assert plan_prefix_gather(no_prefix.md, 8, 4, force=True) is NO_GATHER
-    assert plan_prefix_gather(long_rows.md, 8, 4, force=False) is NO_GATHER
+    assert plan_prefix_gather(no_prefix.md, 8, 4, force=True) is NO_GATHER  # nothing cached
+    assert NO_GATHER.cached_pages == 0
+    never = plan_prefix_gather(long_rows.md, 8, 4, force=False)
+    assert (never.num_pages, never.cached_pages) == (0, 5)
     huge = make_batch([64], [20000], block_size=256, device=DEVICE, seed=4)
-    assert plan_prefix_gather(huge.md, 256, 4) is NO_GATHER  # more than GATHER_MAX_TOKENS to copy
+    assert plan_prefix_gather(huge.md, 256, 4).num_pages == 0  # more than GATHER_MAX_TOKENS to copy
     be = TritonAttentionBackend(8, 2, 64, 0.125)
     cache = long_rows.kv_cache.clone()
     out = be(long_rows.q, long_rows.k, long_rows.v, cache, long_rows.md)
@@ -267,6 +281,50 @@ def test_gpu_gathered_prefix(block_size: int) -> None:
         assert rel_err(out[:n], ref[:n].to(out.device)) < 3e-3
         assert torch.count_nonzero(out[n:]) == 0
     assert rel_err(outs[0][:n], outs[2][:n]) < 3e-3
+
+
+def _gluon_missing() -> str | None:
+    if DEVICE != "cuda":
+        return "needs a CUDA GPU"
+    from attention.hopper_prefill import unavailable_reason
+    return unavailable_reason(torch.empty(1, 1, 128, dtype=torch.bfloat16, device=DEVICE), torch.bfloat16, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gluon_missing() is not None, reason=str(_gluon_missing()))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_gpu_gluon_prefill(dtype: torch.dtype, block_size: int) -> None:
+    """The Hopper (Gluon) prefill blocks equal the unified kernel's and the reference, at the
+    Llama-3-8B head layout: one 2k prompt; prompts of many lengths beside decode rows over long
+    contexts (only prefill rows decide the kernel) with padding; prefill rows over cached
+    prefixes gathered into rows (NaN in every cache slot no request may read). The default
+    (None) takes the Gluon kernel for all of them; a prefix read page by page keeps the
+    unified kernel, and forcing Gluon there is an error that says why."""
+    scale = 128 ** -0.5
+    cases = {"2k": ([2048], [0], 0, 0), "mixed": ([1, 300, 2, 77, 1, 1000, 33], [900, 0, 0, 0, 4000, 0, 0], 3, 5),
+             "gathered": ([1, 700, 1, 300, 64, 5], [900, 2000, 4000, 513, 8192, 0], 2, 5)}
+    for name, (q_lens, ctx, pad_reqs, pad_tokens) in cases.items():
+        b = make_batch(q_lens, ctx, num_heads=32, num_kv_heads=8, head_dim=128, block_size=block_size,
+                       pad_reqs=pad_reqs, pad_tokens=pad_tokens, device=DEVICE, dtype=dtype,
+                       poison=float("nan"), seed=block_size + len(name))
+        ref = dense_reference(b.q, b.k, b.v, b.kv_cache, b.md, scale)
+        cache = b.kv_cache.clone()
+        write_kv_cache_triton(b.k, b.v, cache, b.md.slot_mapping)
+        gather = True if name == "gathered" else None
+        outs = {kern: unified_attention(b.q, b.k, b.v, cache, b.md, scale, prefix_gather=gather, prefill_kernel=kern)
+                for kern in ("gluon", "triton", None)}
+        n = b.md.num_actual_tokens
+        for kern, out in outs.items():
+            assert not torch.isnan(out).any(), (name, kern)
+            assert rel_err(out[:n], ref[:n].to(out.device)) < 3e-3, (name, kern)
+            assert torch.count_nonzero(out[n:]) == 0, (name, kern)
+        assert torch.equal(outs[None], outs["gluon"]), name
+        assert rel_err(outs["gluon"][:n], outs["triton"][:n]) < 3e-3, name
+    paged = unified_attention(b.q, b.k, b.v, cache, b.md, scale, prefix_gather=False)
+    assert rel_err(paged[:n], ref[:n].to(paged.device)) < 3e-3
+    with pytest.raises(ValueError, match="page by page"):
+        unified_attention(b.q, b.k, b.v, cache, b.md, scale, prefix_gather=False, prefill_kernel="gluon")
 
 
 @pytest.mark.cpu

@@ -1,7 +1,8 @@
 """The Triton attention kernels compile for a Hopper GPU (sm90), checked on the CPU: the interpreter
 runs kernels as Python, so it accepts code a GPU compile refuses (e.g. a run-time branch that
 changes a value's type). Each variant the backend launches, for bf16 and fp8 caches, goes through
-Triton's compiler down to a cubin (its bundled ptxas), in a subprocess without TRITON_INTERPRET."""
+Triton's compiler down to a cubin (its bundled ptxas), in a subprocess without TRITON_INTERPRET;
+so does the Gluon prefill kernel (``attention.hopper_prefill``), which the interpreter cannot run."""
 import os
 import subprocess
 import sys
@@ -21,8 +22,14 @@ SCRIPT = textwrap.dedent('''
         names = list(inspect.signature(kernel.fn).parameters)
         sig = {n: "constexpr" if n in cons else types.get(n, "i32") for n in names}
         div = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
-        src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in cons.items()}, attrs=div)
-        triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=nw, num_stages=ns))
+        if ns is None:  # a Gluon kernel: its pipeline is written out, no stages option
+            from triton.experimental.gluon._runtime import GluonASTSource
+            src = GluonASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in cons.items()}, attrs=div)
+            options = dict(num_warps=nw)
+        else:
+            src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in cons.items()}, attrs=div)
+            options = dict(num_warps=nw, num_stages=ns)
+        triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
 
     def attention(cache, decode, gathered, desc, split=False, cascade=False):
         bm, bn = (16, 64) if decode else (128, 128)
@@ -44,8 +51,9 @@ SCRIPT = textwrap.dedent('''
                                  "slot_ptr": "*i64"},
             dict(NUM_KV_HEADS=8, H_PAD=8, HEAD_DIM=128, BLOCK_SIZE=16, SAT=0.0 if cache == "bf16" else 448.0), 4, 2)
         cases["gather_pages " + cache] = (
-            tk.gather_pages_kernel, {"src_ptr": "*" + cache, "dst_ptr": "*" + cache, "page_ids_ptr": "*i32"},
-            dict(PAGE_ELEMS=16384, BLOCK=4096), 4, 2)
+            tk.gather_pages_kernel, {"src_ptr": "*" + cache, "dst_ptr": "*" + cache, "page_ids_ptr": "*i32",
+                                     "page_rows_ptr": "*i32"},
+            dict(PAGE_ELEMS=16384, ROW_ELEMS=1024, BLOCK=4096), 4, 2)
         cases["cascade_prefix " + cache] = (
             tk.cascade_prefix_kernel, {"q_ptr": "*bf16", "k_ptr": "*" + cache, "bt_ptr": "*i32", "qsl_ptr": "*i32",
                                        "prefix_ptr": "*i32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
@@ -61,6 +69,18 @@ SCRIPT = textwrap.dedent('''
     cases["split_reduce"] = (tk.split_reduce_kernel, {"out_ptr": "*bf16", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
                                                       "part_acc_ptr": "*fp32", "qsl_ptr": "*i32"},
                              dict(HEAD_DIM=128, S_PAD=64), 4, 2)
+    from attention import hopper_prefill as hp
+    if hp.gluon is not None:  # the Gluon prefill blocks (sm90), without and with a gathered prefix
+        from triton.experimental.gluon import language as gl
+        lay = gl.NVMMASharedLayout.get_default_for([hp.TILE.block_n, 128], gl.bfloat16)
+        desc = "tensordesc<bf16[%d, 128],%r>" % (hp.TILE.block_n, lay)
+        types = {"out_ptr": "*bf16", "q_ptr": "*bf16", "kn_desc": desc, "vn_desc": desc, "gk_desc": desc,
+                 "gv_desc": desc, "gfirst_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "qk_scale": "fp32"}
+        for gathered in (False, True):
+            cases["gluon prefill gathered=%s" % gathered] = (hp.hopper_prefill_kernel, types, dict(
+                Q_PER_KV=4, G_PAD=4, BLOCK_Q=32, BLOCK_M=hp.BLOCK_M, BLOCK_N=hp.TILE.block_n, HEAD_DIM=128,
+                BLOCK_SIZE=16, HAS_CACHE=True, GATHERED=gathered, ZERO_PAD=True, STAGES=hp.TILE.stages,
+                CONSUMERS=hp.TILE.consumers), 8 // hp.TILE.consumers, None)
     failed = {}
     for name, (kernel, types, cons, nw, ns) in cases.items():
         try:
