@@ -48,18 +48,26 @@ class GluonTile:
 TILE = GluonTile()
 
 
-def unavailable_reason(q: torch.Tensor, kv_dtype: torch.dtype, block_m: int) -> str | None:
-    """Why a prefill launch cannot take the Gluon kernel (None: it can). It needs Gluon, an sm90
-    GPU (wgmma), 16-bit queries with K/V of the same type, head_dim 128, 128-row query blocks."""
+def unavailable_reason(device_type: str, capability: int | None, dtype: torch.dtype, keys_dtype: torch.dtype,
+                       head_dim: int, block_m: int) -> str | None:
+    """Why a prefill launch cannot take the Gluon kernel (None: it can): it needs Gluon, an sm90
+    GPU (``capability`` 90: wgmma), 16-bit queries with keys of the same type (the new rows, and
+    the cache's when a prefix is gathered), head_dim 128 and 128-row query blocks."""
     if gluon is None:
         return "this triton has no Gluon (triton.experimental.gluon, triton >= 3.5)"
-    if q.device.type != "cuda" or interpreting() or compute_capability() != 90:
+    if device_type != "cuda" or capability != 90:
         return "the Gluon prefill kernel is written for sm90 (Hopper) GPUs"
-    if q.dtype not in (torch.bfloat16, torch.float16) or kv_dtype != q.dtype:
-        return f"the Gluon prefill kernel needs float16/bfloat16 queries and K/V alike, got {q.dtype}/{kv_dtype}"
-    if q.shape[-1] != 128 or block_m != BLOCK_M:
+    if dtype not in (torch.bfloat16, torch.float16) or keys_dtype != dtype:
+        return f"the Gluon prefill kernel needs float16/bfloat16 queries and keys alike, got {dtype}/{keys_dtype}"
+    if head_dim != 128 or block_m != BLOCK_M:
         return f"the Gluon prefill kernel needs head_dim 128 and {BLOCK_M}-row query blocks"
     return None
+
+
+def device_capability(device: torch.device) -> int | None:
+    """``major * 10 + minor`` of a CUDA device as the compiler targets it (None elsewhere and under
+    the interpreter)."""
+    return compute_capability() if device.type == "cuda" and not interpreting() else None
 
 
 if gluon is not None:

@@ -191,12 +191,13 @@ def _rows_descriptor(t: torch.Tensor, block_n: int):
 def _gluon_refusal(q: torch.Tensor, kv_cache: torch.Tensor | None, pre: TileConfig, custom_tile: bool,
                    use_desc: bool, split: bool, gather: PrefixGather) -> str | None:
     """Why this step's prefill blocks stay with the unified kernel (None: the Gluon kernel takes them)."""
-    from attention.hopper_prefill import unavailable_reason
+    from attention.hopper_prefill import device_capability, unavailable_reason
     if custom_tile or split or not use_desc:
         return "it takes the default tile, no split-KV and new K/V rows a TMA descriptor can read"
     if gather.cached_pages and not gather.num_pages:
         return "its prefill rows read a cached prefix page by page (not gathered)"
-    return unavailable_reason(q, q.dtype if kv_cache is None else kv_cache.dtype, pre.block_m)
+    keys = kv_cache.dtype if gather.num_pages else q.dtype  # gathered rows are the cache's; else new rows
+    return unavailable_reason(q.device.type, device_capability(q.device), q.dtype, keys, q.shape[-1], pre.block_m)
 
 
 def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

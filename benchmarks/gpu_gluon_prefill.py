@@ -34,8 +34,8 @@ def main() -> None:
     from attention import hopper_prefill as hp
     from attention.triton_attn import unified_attention
 
-    missing = hp.unavailable_reason(torch.empty(1, 1, D, dtype=torch.bfloat16, device="cuda"), torch.bfloat16,
-                                    hp.BLOCK_M)
+    missing = hp.unavailable_reason("cuda", hp.device_capability(torch.device("cuda")), torch.bfloat16,
+                                    torch.bfloat16, D, hp.BLOCK_M)
     if missing:
         sys.exit(missing)
     shipped = hp.TILE

@@ -1,4 +1,5 @@
 """The Triton backend against the torch reference (CPU: Triton interpreter, small shapes)."""
+import functools
 import math
 
 import pytest
@@ -283,11 +284,29 @@ def test_gpu_gathered_prefix(block_size: int) -> None:
     assert rel_err(outs[0][:n], outs[2][:n]) < 3e-3
 
 
+@pytest.mark.cpu
+def test_gluon_prefill_refusals() -> None:
+    """Where the Hopper prefill kernel serves: sm90 only, 16-bit queries with keys of their type
+    (an fp8 cache matters only when a prefix is gathered from it), head_dim 128, 128-row blocks."""
+    from attention import hopper_prefill as hp
+    ok = functools.partial(hp.unavailable_reason, "cuda", 90, torch.bfloat16, torch.bfloat16, 128, 128)
+    if hp.gluon is None:
+        assert "Gluon" in ok()
+        return
+    assert ok() is None
+    assert "sm90" in hp.unavailable_reason("cuda", 100, torch.bfloat16, torch.bfloat16, 128, 128)
+    assert "sm90" in hp.unavailable_reason("cpu", None, torch.bfloat16, torch.bfloat16, 128, 128)
+    assert "float8" in hp.unavailable_reason("cuda", 90, torch.bfloat16, torch.float8_e4m3fn, 128, 128)
+    assert "float32" in hp.unavailable_reason("cuda", 90, torch.float32, torch.float32, 128, 128)
+    assert "head_dim" in hp.unavailable_reason("cuda", 90, torch.float16, torch.float16, 64, 128)
+    assert hp.device_capability(torch.device("cpu")) is None
+
+
 def _gluon_missing() -> str | None:
     if DEVICE != "cuda":
         return "needs a CUDA GPU"
-    from attention.hopper_prefill import unavailable_reason
-    return unavailable_reason(torch.empty(1, 1, 128, dtype=torch.bfloat16, device=DEVICE), torch.bfloat16, 128)
+    from attention.hopper_prefill import device_capability, unavailable_reason
+    return unavailable_reason(DEVICE, device_capability(torch.device(DEVICE)), torch.bfloat16, torch.bfloat16, 128, 128)
 
 
 @pytest.mark.gpu
@@ -321,6 +340,20 @@ def test_gpu_gluon_prefill(dtype: torch.dtype, block_size: int) -> None:
             assert torch.count_nonzero(out[n:]) == 0, (name, kern)
         assert torch.equal(outs[None], outs["gluon"]), name
         assert rel_err(outs["gluon"][:n], outs["triton"][:n]) < 3e-3, name
+    # an fp8 cache: rows without a cached prefix read only their new (bf16) keys, so Gluon serves
+    # them; a prefix gathered from that cache is fp8 and stays with the unified kernel
+    fp8 = torch.float8_e4m3fn
+    b8 = make_batch([300, 1, 77], [0, 900, 0], num_heads=32, num_kv_heads=8, head_dim=128, block_size=block_size,
+                    pad_reqs=1, pad_tokens=3, device=DEVICE, dtype=dtype, seed=3)
+    k8, v8 = (t.to(fp8).to(dtype) for t in (b8.k, b8.v))
+    cache8 = b8.kv_cache.to(fp8)
+    write_kv_cache_triton(k8, v8, cache8, b8.md.slot_mapping)
+    ref8 = dense_reference(b8.q, k8, v8, cache8, b8.md, scale)
+    n8 = b8.md.num_actual_tokens
+    out8 = unified_attention(b8.q, k8, v8, cache8, b8.md, scale, num_splits=1, prefill_kernel="gluon")
+    assert rel_err(out8[:n8], ref8[:n8].to(out8.device)) < 3e-3 and torch.count_nonzero(out8[n8:]) == 0
+    with pytest.raises(ValueError, match="float8"):
+        unified_attention(b.q, b.k, b.v, cache.to(fp8), b.md, scale, prefix_gather=True, prefill_kernel="gluon")
     paged = unified_attention(b.q, b.k, b.v, cache, b.md, scale, prefix_gather=False)
     assert rel_err(paged[:n], ref[:n].to(paged.device)) < 3e-3
     with pytest.raises(ValueError, match="page by page"):
