@@ -28,6 +28,8 @@ try:  # Gluon ships with triton >= 3.5; without it (or on the CPU) the Triton ke
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from attention.triton_kernels import query_block
     # the TMA load's name: async_copy_global_to_shared up to triton 3.6, async_load after it
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 except Exception:  # noqa: BLE001 - any import failure means "not available"
@@ -204,17 +206,7 @@ if gluon is not None:
 
         pid = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (latest) query blocks first
         kvh = gl.program_id(1)
-        lo = 0
-        hi = num_reqs_pad
-        while lo < hi:  # last request whose first program index is <= pid
-            mid = (lo + hi + 1) // 2
-            if gl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
-                lo = mid
-            else:
-                hi = mid - 1
-        req = lo
-        q_start = gl.load(qsl_ptr + req)
-        q_off = (pid - (q_start // BLOCK_Q + req)) * BLOCK_Q
+        req, q_start, q_off = query_block(qsl_ptr, pid, num_reqs_pad, BLOCK_Q)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
         if req == num_reqs_pad:

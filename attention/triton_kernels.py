@@ -75,6 +75,23 @@ def _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, kv_tok0, col, tile_
 
 
 @triton.jit
+def query_block(qsl_ptr, pid, num_reqs_pad, BLOCK_Q: tl.constexpr):
+    """(request, its first token, the block's first token in it) of prefill program ``pid``:
+    request ``r`` owns programs from ``qsl[r] // BLOCK_Q + r``; ``num_reqs_pad`` is the virtual
+    request of the padding tokens. (Also called by the Gluon prefill kernel.)"""
+    lo = 0
+    hi = num_reqs_pad
+    while lo < hi:  # last request whose first program index is <= pid
+        mid = (lo + hi + 1) // 2
+        if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
+            lo = mid
+        else:
+            hi = mid - 1
+    q_start = tl.load(qsl_ptr + lo)
+    return lo, q_start, (pid - (q_start // BLOCK_Q + lo)) * BLOCK_Q
+
+
+@triton.jit
 def _split_range(split, num_splits, min_tiles_per_split, n_tiles, SPLIT: tl.constexpr):
     """This split's key tiles ``[lo, hi)`` of ``n_tiles`` (all of them without SPLIT)."""
     if SPLIT:
@@ -159,17 +176,7 @@ def unified_attention_kernel(
             return
         q_off = 0
     else:
-        lo = 0
-        hi = num_reqs_pad
-        while lo < hi:  # last request whose first program index is <= pid
-            mid = (lo + hi + 1) // 2
-            if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
-                lo = mid
-            else:
-                hi = mid - 1
-        req = lo
-        q_start = tl.load(qsl_ptr + req)
-        q_off = (pid - (q_start // BLOCK_Q + req)) * BLOCK_Q
+        req, q_start, q_off = query_block(qsl_ptr, pid, num_reqs_pad, BLOCK_Q)
         if req == num_reqs_pad:
             if ZERO_PAD:
                 toks = q_start + q_off + row_tok

@@ -291,7 +291,7 @@ def main() -> None:
     with_flash = flash_available(not args.no_flash)
     torch.manual_seed(0)
     t0 = time.time()
-    from attention.triton_attn import device_sm_count
+    from attention.triton_tiles import device_sm_count
     import triton
     md_lines = [f"# Attention on {torch.accelerator.current_accelerator()} "
                 f"({device_sm_count('cuda', torch.accelerator.current_device_index())} SMs, "

@@ -5,7 +5,7 @@ blocks), with the KV bandwidth each reaches (K+V bytes read over kernel time).
     python benchmarks/gpu_decode_tiles.py [--quick]
 
 Prints one markdown table (us per layer, median of CUDA-graph replays; the default's row marked)
-and the best tile per step, to tune ``attention.triton_attn.decode_config`` from.
+and the best tile per step, to tune ``attention.triton_tiles.decode_config`` from.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the default tile only")
     args = ap.parse_args()
-    from attention.triton_attn import TileConfig, _smem_limit, decode_config, fit_shared_memory, unified_attention
+    from attention.triton_attn import unified_attention
+    from attention.triton_tiles import TileConfig, _smem_limit, decode_config, fit_shared_memory
 
     dev = torch.device("cuda")
     smem, g = _smem_limit(dev), HQ // HKV

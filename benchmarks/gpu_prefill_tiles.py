@@ -5,7 +5,7 @@ steps of the Llama-3-8B attention shape (bf16, 16-token blocks).
     python benchmarks/gpu_prefill_tiles.py [--new-kv rows,desc] [--quick]
 
 Prints one markdown table (us per layer, median of CUDA-graph replays; the current default's row
-marked) and the best tile per step, to tune ``attention.triton_attn.prefill_config`` from.
+marked) and the best tile per step, to tune ``attention.triton_tiles.prefill_config`` from.
 ``--quick`` times the default tile only.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     modes = args.new_kv.split(",")
     steps = {name: STEPS[name] for name in args.steps.split(",")}
-    from attention.triton_attn import (TileConfig, _smem_limit, fit_shared_memory, prefill_config,
-                                       unified_attention)
+    from attention.triton_attn import unified_attention
+    from attention.triton_tiles import TileConfig, _smem_limit, fit_shared_memory, prefill_config
 
     dev = torch.device("cuda")
     smem, g = _smem_limit(dev), HQ // HKV

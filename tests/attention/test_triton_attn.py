@@ -7,8 +7,8 @@ import torch
 
 from attention.prefix_gather import (GATHER_MIN_READS, NO_GATHER, PrefixGather, gather_pages,
                                      plan_prefix_gather)
-from attention.triton_attn import (TileConfig, TritonAttentionBackend, choose_num_splits, fit_shared_memory,
-                                   prefill_config, unified_attention, write_kv_cache_triton)
+from attention.triton_attn import TritonAttentionBackend, unified_attention, write_kv_cache_triton
+from attention.triton_tiles import TileConfig, choose_num_splits, fit_shared_memory, prefill_config
 from attention.torch_ref import write_kv_cache
 from tests.attention.batch_utils import dense_reference, make_batch, rel_err, torch_reference_backend
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from attention.metadata import shared_prefix_len
-from attention.triton_attn import TritonAttentionBackend, prefix_cascade_plan, decode_config
+from attention.triton_attn import TritonAttentionBackend
+from attention.triton_tiles import decode_config, prefix_cascade_plan
 from tests.attention.batch_utils import dense_reference, make_batch, rel_err
 
 DEVICE = "cuda" if torch.accelerator.is_available() else "cpu"
