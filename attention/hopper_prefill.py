@@ -40,11 +40,9 @@ BLOCK_M = 128  # query rows (tokens x group heads) a program, as the unified ker
 
 @dataclass(frozen=True)
 class GluonTile:
-    """Key rows a tile, K/V stages in shared memory, math partitions (1: eight warps take the 128
-    rows; 2: two warpgroups take 64 each, out of step). ``TILE`` is what the backend launches."""
+    """Key rows a tile and K/V stages in shared memory. ``TILE`` is what the backend launches."""
     block_n: int = 128
     stages: int = 2
-    consumers: int = 2
 
 
 TILE = GluonTile()
@@ -194,12 +192,13 @@ if gluon is not None:
                               Q_PER_KV: gl.constexpr, G_PAD: gl.constexpr, BLOCK_Q: gl.constexpr,
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                               BLOCK_SIZE: gl.constexpr, HAS_CACHE: gl.constexpr, GATHERED: gl.constexpr,
-                              ZERO_PAD: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+                              ZERO_PAD: gl.constexpr, STAGES: gl.constexpr):
         """Grid ``(programs, num_kv_heads)``: program ``p`` is the query block of
         ``unified_attention_kernel``'s prefill launch (same request search, heaviest first, the
         virtual padding request zeroed with ZERO_PAD); no split. Warp-specialised: one loader warp
-        (TMA) and CONSUMERS math partitions (1: the kernel's warps take all rows; 2: two warpgroups
-        take half each and run out of step, one's softmax beside the other's matrix products)."""
+        (TMA) and two math warpgroups (the kernel's 4 warps and a worker's 4) taking half the rows
+        each, out of step: one's softmax beside the other's matrix products. (Eight warps in one
+        math partition were 20-25% slower on an H200.)"""
         nw: gl.constexpr = gl.num_warps()
         ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [nw, 1], [1, 0])
         dtype: gl.constexpr = q_ptr.dtype.element_ty
@@ -247,27 +246,18 @@ if gluon is not None:
         bars = gl.allocate_shared_memory(gl.int64, [4 * STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2 * STAGES):  # K, V landed (the loader's TMA); then K, V read (consumers)
             mbarrier.init(bars.index(i), count=1)
-            mbarrier.init(bars.index(2 * STAGES + i), count=CONSUMERS)
+            mbarrier.init(bars.index(2 * STAGES + i), count=2)
         fence_async_shared()
-        if CONSUMERS == 2:
-            gl.warp_specialize([
-                (_consume, (q_smem, k_smem, v_smem, bars, out_ptr, n_tiles, n_ctx, ctx, q_len, q_start, q_off, kvh,
-                            mask_from_pre, mask_from_new, qk_scale, stride_ot, stride_oh, 0, BLOCK_M // 2,
-                            Q_PER_KV, G_PAD, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES)),
-                (_consume_upper, (q_smem, k_smem, v_smem, bars, out_ptr, n_tiles, n_ctx, ctx, q_len, q_start, q_off,
-                                  kvh, mask_from_pre, mask_from_new, qk_scale, stride_ot, stride_oh, BLOCK_M // 2,
-                                  Q_PER_KV, G_PAD, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES)),
-                (_produce, (kn_desc, vn_desc, gk_desc, gv_desc, k_smem, v_smem, bars, n_tiles, n_ctx, q_start,
-                            row_pre, kvh * HEAD_DIM, BLOCK_N, STAGES)),
-            ], [nw, 1], [240, 24])
-        else:
-            gl.warp_specialize([
-                (_consume, (q_smem, k_smem, v_smem, bars, out_ptr, n_tiles, n_ctx, ctx, q_len, q_start, q_off, kvh,
-                            mask_from_pre, mask_from_new, qk_scale, stride_ot, stride_oh, 0, BLOCK_M,
-                            Q_PER_KV, G_PAD, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES)),
-                (_produce, (kn_desc, vn_desc, gk_desc, gv_desc, k_smem, v_smem, bars, n_tiles, n_ctx, q_start,
-                            row_pre, kvh * HEAD_DIM, BLOCK_N, STAGES)),
-            ], [1], [24])
+        gl.warp_specialize([
+            (_consume, (q_smem, k_smem, v_smem, bars, out_ptr, n_tiles, n_ctx, ctx, q_len, q_start, q_off, kvh,
+                        mask_from_pre, mask_from_new, qk_scale, stride_ot, stride_oh, 0, BLOCK_M // 2,
+                        Q_PER_KV, G_PAD, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES)),
+            (_consume_upper, (q_smem, k_smem, v_smem, bars, out_ptr, n_tiles, n_ctx, ctx, q_len, q_start, q_off,
+                              kvh, mask_from_pre, mask_from_new, qk_scale, stride_ot, stride_oh, BLOCK_M // 2,
+                              Q_PER_KV, G_PAD, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES)),
+            (_produce, (kn_desc, vn_desc, gk_desc, gv_desc, k_smem, v_smem, bars, n_tiles, n_ctx, q_start,
+                        row_pre, kvh * HEAD_DIM, BLOCK_N, STAGES)),
+        ], [nw, 1], [240, 24])
         for i in gl.static_range(4 * STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -297,4 +287,4 @@ def hopper_prefill(out: torch.Tensor, q: torch.Tensor, k_new: torch.Tensor, v_ne
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         Q_PER_KV=q_per_kv, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=BLOCK_M, BLOCK_N=tile.block_n, HEAD_DIM=q.shape[-1],
         BLOCK_SIZE=block_size, HAS_CACHE=has_cache, GATHERED=gathered is not None, ZERO_PAD=zero_pad,
-        STAGES=tile.stages, CONSUMERS=tile.consumers, num_warps=8 // tile.consumers)
+        STAGES=tile.stages, num_warps=4)

@@ -4,7 +4,7 @@ blocks), attention of one layer, CUDA-graph replays (median).
 
     python benchmarks/gpu_gluon_prefill.py [--quick]
 
-Each Gluon tile (``attention.hopper_prefill.GluonTile``: key rows, stages, math partitions) is
+Each Gluon tile (``attention.hopper_prefill.GluonTile``: key rows, stages) is
 checked against the unified kernel's output first (relative L2 <= 3e-3), then timed. Prints one
 markdown table (us per layer; the shipped tile marked) and the best tile per step, to set
 ``hopper_prefill.TILE`` from. ``--quick``: the shipped tile only.
@@ -21,9 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_attention import D, Inputs, bench, fa4_fn, flash_available, rel_err  # noqa: E402 (puts the repo on sys.path)
-
-STEPS = {"2k over 0": ([2048], [0]), "2k over 8k": ([2048], [8192]), "8k over 0": ([8192], [0]),
-         "8k over 8k": ([8192], [8192]), "16 x 512 over 0": ([512] * 16, [0] * 16)}
+from gpu_prefill_tiles import STEPS  # noqa: E402 (the unified kernel's tile sweep times the same steps)
 
 
 def main() -> None:
@@ -40,8 +38,8 @@ def main() -> None:
         sys.exit(missing)
     shipped = hp.TILE
     tiles = [shipped]
-    for block_n, stages, consumers in itertools.product((64, 128), (2, 3, 4), (1, 2)):
-        t = hp.GluonTile(block_n, stages, consumers)
+    for block_n, stages in itertools.product((64, 128), (2, 3, 4)):
+        t = hp.GluonTile(block_n, stages)
         if not args.quick and t not in tiles and (128 + 2 * stages * block_n) * D * 2 <= 227 * 1024:
             tiles.append(t)
     with_flash = flash_available(not args.no_flash)
@@ -72,13 +70,13 @@ def main() -> None:
         print(tile, [f"{t:.1f}" for t in times], flush=True)
     hp.TILE = shipped
     print(f"\n### Gluon prefill tiles on {torch.cuda.get_device_name()} (us per layer, bf16, block 16)\n")
-    print("| kernel | key rows | stages | math partitions | " + " | ".join(STEPS) + " |")
-    print("|---|---|---|---|" + "---|" * len(STEPS))
-    print("| unified Triton (default tile) | | | | " + " | ".join(f"{base[n]:.1f}" for n in STEPS) + " |")
-    print("| flash-attn-4 | | | | " + " | ".join(f"{fa4[n]:.1f}" for n in STEPS) + " |")
+    print("| kernel | key rows | stages | " + " | ".join(STEPS) + " |")
+    print("|---|---|---|" + "---|" * len(STEPS))
+    print("| unified Triton (default tile) | | | " + " | ".join(f"{base[n]:.1f}" for n in STEPS) + " |")
+    print("| flash-attn-4 | | | " + " | ".join(f"{fa4[n]:.1f}" for n in STEPS) + " |")
     for tile, times in rows:
         mark = " (shipped)" if tile == shipped else ""
-        print(f"| gluon{mark} | {tile.block_n} | {tile.stages} | {tile.consumers} | "
+        print(f"| gluon{mark} | {tile.block_n} | {tile.stages} | "
               + " | ".join(f"{t:.1f}" for t in times) + " |")
     for i, name in enumerate(STEPS):
         best = min(rows, key=lambda r: r[1][i] if r[1][i] == r[1][i] else float("inf"))
