@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_all.sh attention    throughput workloads with triton, flash and auto (one table);
 #                                           the shared-prefix workload with cascade attention off and on
 #   bash benchmarks/gpu_all.sh async        async scheduling off/on, mixed steps by kind; then on with an fp8 KV cache
+#   bash benchmarks/gpu_all.sh kernels      the projections' GEMMs (cuBLAS ways, a Triton tile sweep), the decode
+#                                           kernel's tiles over a bf16 and an fp8 cache
 #   bash benchmarks/gpu_all.sh all          tests and throughput
 # Output goes to $OUT (or ./out) as logs and markdown tables.
 set -uo pipefail
@@ -49,6 +51,13 @@ if [[ $part == async ]]; then
   python3 benchmarks/gpu_async.py --decode-len 2048 --steps mixed 2>&1 | tee "$OUT/async.log" | grep -E "^\||GPU:|^mixed"
   python3 benchmarks/gpu_async.py --decode-len 2048 --steps mixed --modes on --kv-cache-dtype fp8 2>&1 \
     | tee "$OUT/async_fp8.log" | grep -E "^\||GPU:|^mixed"
+fi
+if [[ $part == kernels ]]; then
+  python3 benchmarks/gpu_gemm.py 2>&1 | tee "$OUT/gemm.log" | grep -E "^\||^#"
+  python3 benchmarks/gpu_gemm_triton.py 2>&1 | tee "$OUT/gemm_triton.log" | grep -E "^\||^#|^sum"
+  for kv in bf16 fp8; do
+    python3 benchmarks/gpu_decode_tiles.py --kv-dtype $kv 2>&1 | tee "$OUT/decode_tiles_$kv.log" | grep -E "^\||^#|^best"
+  done
 fi
 if [[ $part == tp ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/distributed/test_one_shot_gpu.py tests/workers/test_tp_gpu.py -s 2>&1 | tee "$OUT/tp_tests.log" | grep -E "bf16|passed|failed"

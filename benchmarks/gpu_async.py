@@ -2,21 +2,26 @@
 or, with ``--tp N``, on N GPUs of this host (the ``"mp"`` executor: a worker process per rank).
 
     python benchmarks/gpu_async.py [--attention-backend triton] [--decode-len 512] [--tp 2] [--steps mixed]
+        [--workloads mixed] [--repeat 1] [--kv-cache-dtype fp8]
 
 Llama-3-8B shape, random bf16 weights (``load_format="dummy"``). Per mode: bs=1 decode tok/s
 (against the bandwidth roofline), decode-heavy total tok/s, mixed output tok/s and shared-prefix
 total tok/s, each with its % of the floor of ``gpu_throughput.py``; and, on one GPU, the device's
 idle time between decode steps at batch 1 and 128 (CUDA events, no profiler: see ``idle_between_steps``).
-Prints a markdown table.
+Each timed run logs the Triton kernels compiled inside it (there should be none). Prints a
+markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 import torch
 
@@ -117,9 +122,30 @@ def step_breakdown(llm, prompts: list, params, bw: float, flops: float) -> list[
             for k, (n, ms, ideal, t, d) in classes.items()]
 
 
+@contextlib.contextmanager
+def _compiles() -> Iterator[list[str]]:
+    """The names of the Triton/Gluon kernels compiled (cache misses) inside the block, each variant
+    printed in full: a timed run should see none (the warm-up and the engine's start-up compile
+    every variant a step needs). This process only: with ``--tp`` the workers compile in theirs."""
+    import triton
+
+    names: list[str] = []
+
+    def hook(**kw) -> bool:
+        names.append(kw["repr"].split("[", 1)[0])
+        print(f"  compiling in a timed run: {kw['repr'][:2000]}", flush=True)  # which variant the warm-ups missed
+        return False  # go on and compile
+
+    previous, triton.knobs.runtime.jit_cache_hook = triton.knobs.runtime.jit_cache_hook, hook
+    try:
+        yield names
+    finally:
+        triton.knobs.runtime.jit_cache_hook = previous
+
+
 def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: dict, bw: float,
         flops: float, tp: int = 1, profile: tuple[str, ...] = (), steps: tuple[str, ...] = (),
-        kv_cache_dtype: str = "auto") -> dict:
+        kv_cache_dtype: str = "auto", repeat: int = 0) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 2048,
@@ -131,18 +157,23 @@ def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: 
         for batch in (1, 128):
             res[f"idle{batch}"] = idle_between_steps(llm, batch)
     for name, (n_req, plen, olen, shared) in workloads.items():
-        llm.scheduler.reset_prefix_cache()
         prompts = make_prompts(name, n_req, plen, shared)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True), use_tqdm=False)
-        dt = time.perf_counter() - t
-        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         floor = floor_seconds(LLAMA3_8B, n_req, plen, olen, shared, bw, flops, prefix_cached=shared > 0, n_gpus=tp)
-        res[name] = dict(total_tps=(sum(map(len, prompts)) + n_out) / dt, output_tps=n_out / dt, pct=100 * floor / dt,
-                         tokens=[o.outputs[0].token_ids for o in outs[:4]])
-        print(f"async={async_scheduling} {name}: {res[name]['total_tps']:,.0f} tok/s total, "
-              f"{res[name]['output_tps']:,.0f} out, {res[name]['pct']:.0f}% of floor", flush=True)
+        for attempt in range(1 + repeat):
+            llm.scheduler.reset_prefix_cache()
+            with _compiles() as compiled:
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True),
+                                    use_tqdm=False)
+                dt = time.perf_counter() - t
+            n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+            r = dict(total_tps=(sum(map(len, prompts)) + n_out) / dt, output_tps=n_out / dt, pct=100 * floor / dt,
+                     tokens=[o.outputs[0].token_ids for o in outs[:4]])
+            res.setdefault(name, r)  # the table shows the first run
+            print(f"async={async_scheduling} {name}{' (again)' if attempt else ''}: {r['total_tps']:,.0f} tok/s "
+                  f"total, {r['output_tps']:,.0f} out, {r['pct']:.0f}% of floor; Triton compiles in the run: "
+                  f"{len(compiled)} {dict(collections.Counter(compiled)) if compiled else ''}", flush=True)
         if name in steps and tp == 1:
             llm.scheduler.reset_prefix_cache()
             res[f"steps-{name}"] = step_breakdown(
@@ -165,11 +196,19 @@ def main() -> None:
                     "(device busy and idle gaps, top kernels; host functions to $OUT; see profile_run.py)")
     ap.add_argument("--modes", default="off,on", help="async_scheduling modes to run")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8 (the floors still count bf16 KV)")
+    ap.add_argument("--workloads", default="decode-heavy,mixed,shared-prefix",
+                    help="comma-separated workloads to time (the table shows n/a for the others)")
+    ap.add_argument("--repeat", type=int, default=0, help="time each workload this many more times (the "
+                    "table shows the first run; the log shows every run)")
     ap.add_argument("--steps", default="", help="comma-separated workloads whose steps to time by class "
                     "(with prefill / decode-only) against each class's roofline (one GPU)")
     args = ap.parse_args()
     workloads = {"decode-heavy": (128, 32, args.decode_len, 0), "mixed": WORKLOADS["mixed"],
                  "shared-prefix": WORKLOADS["shared-prefix"]}
+    unknown = set(args.workloads.split(",")) - set(workloads)
+    if unknown:
+        ap.error(f"unknown workloads {sorted(unknown)}; choose from {sorted(workloads)}")
+    workloads = {k: v for k, v in workloads.items() if k in args.workloads.split(",")}
     bw, flops = measure_roofline()
     gpu = torch.cuda.get_device_name()
     roof = args.tp * bw / (params_of(LLAMA3_8B) * 2)
@@ -179,7 +218,7 @@ def main() -> None:
         modes = [m == "on" for m in args.modes.split(",")]
         profile, steps = (tuple(filter(None, a.split(","))) for a in (args.profile, args.steps))
         res = {mode: run(d, mode, args.attention_backend, workloads, bw, flops, args.tp, profile, steps,
-                         args.kv_cache_dtype) for mode in modes}
+                         args.kv_cache_dtype, args.repeat) for mode in modes}
     same = all(res[True][w]["tokens"] == res[False][w]["tokens"] for w in workloads) if len(res) == 2 else "n/a"
     print(f"\nGPU: {args.tp} x {gpu}; copy {bw / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s per GPU; "
           f"backend {next(iter(res.values()))['backend']}; KV cache {args.kv_cache_dtype}; "
@@ -187,11 +226,14 @@ def main() -> None:
     print("| async_scheduling | bs=1 tok/s (% of roofline) | decode-heavy total tok/s (% floor) | "
           "mixed out tok/s (% floor) | shared-prefix total tok/s (% floor) |")
     print("|---|---|---|---|---|")
+
+    def cell(r: dict, name: str, key: str) -> str:
+        return f"{r[name][key]:,.0f} ({r[name]['pct']:.0f}%)" if name in r else "n/a"
+
     for mode, r in res.items():
         print(f"| {'on' if mode else 'off'} | {r['bs1_tps']:.0f} ({100 * r['bs1_tps'] / roof:.0f}%) | "
-              f"{r['decode-heavy']['total_tps']:,.0f} ({r['decode-heavy']['pct']:.0f}%) | "
-              f"{r['mixed']['output_tps']:,.0f} ({r['mixed']['pct']:.0f}%) | "
-              f"{r['shared-prefix']['total_tps']:,.0f} ({r['shared-prefix']['pct']:.0f}%) |")
+              f"{cell(r, 'decode-heavy', 'total_tps')} | {cell(r, 'mixed', 'output_tps')} | "
+              f"{cell(r, 'shared-prefix', 'total_tps')} |")
     if args.tp == 1:
         print("\n| async_scheduling | decode batch | wall ms per step | device idle between steps, ms per step |")
         print("|---|---|---|---|")

@@ -45,8 +45,8 @@ def profile_generate(llm, prompts: list, params, label: str, reset=None) -> None
         t = totals.setdefault(e.name, [0.0, 0])
         t[0] += e.time_range.end - e.time_range.start
         t[1] += 1
-    for name, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:16]:
-        print(f"  {us / 1e3:8.1f} ms {n:6d}x  {name[:80]}")
+    for name, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:32]:
+        print(f"  {us / 1e3:8.1f} ms {n:6d}x {us / n:8.1f} us  {name[:100]}")
     if reset is not None:
         reset()
     cp = cProfile.Profile()
