@@ -78,6 +78,14 @@ def _rows_descriptor(t: torch.Tensor, block_n: int):
     return TensorDescriptor(t, shape=[tokens, heads * d], strides=[t.stride(0), 1], block_shape=[block_n, d])
 
 
+def widen_fp8_by_ptx(q: torch.Tensor, kv_cache: torch.Tensor | None) -> bool:
+    """Whether the unified kernel widens an fp8 cache's tiles with PTX (``_fp8_tile``): bf16
+    queries over an e4m3 cache on an NVIDIA GPU of compute capability 8.9 or newer, compiled."""
+    return (kv_cache is not None and kv_cache.dtype == FP8_KV and q.dtype == torch.bfloat16
+            and q.device.type == "cuda" and torch.version.hip is None and not interpreting()
+            and (compute_capability() or 0) >= 89)
+
+
 def _gluon_refusal(q: torch.Tensor, kv_cache: torch.Tensor | None, pre: TileConfig, custom_tile: bool,
                    use_desc: bool, split: bool, gather: PrefixGather) -> str | None:
     """Why this step's prefill blocks stay with the unified kernel (None: the Gluon kernel takes them)."""
@@ -130,7 +138,8 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kernel), "gluon" (``attention.hopper_prefill``; an error where it cannot serve) or None (Gluon
     on sm90 where it can: no split, default tiles, keys from new rows or a gathered prefix).
     """
-    from attention.triton_kernels import cascade_prefix_kernel, split_reduce_kernel, unified_attention_kernel
+    from attention.triton_kernels import (PAGED, PAGED_FP8, cascade_prefix_kernel, split_reduce_kernel,
+                                          unified_attention_kernel)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1] if kv_cache is None else kv_cache.shape[3]
     q_per_kv = num_heads // num_kv_heads
@@ -205,6 +214,7 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         elif prefill_kernel == "gluon":
             raise ValueError(f"prefill_kernel='gluon' cannot serve this step: {why}")
     dot_prec = "ieee" if q.dtype == torch.float32 else None  # fp32: no tf32 (1e-5 target)
+    cache_kv = (PAGED_FP8 if widen_fp8_by_ptx(q, kv_cache) else PAGED).value  # how tiles leave the cache
     bt = md.block_table
     prefix = md.shared_prefix if casc else md.seq_lens  # (unused without a cascade)
     if casc:
@@ -235,7 +245,7 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             IS_DECODE=is_decode, ZERO_PAD=not split and (decode_only or not is_decode),
             SPLIT=split, HAS_CACHE=has_cache, NEW_KV=new_kv_mode, CASCADE=bool(casc), GATHERED=gathered,
-            DOT_PREC=dot_prec,
+            CACHE_KV=cache_kv, DOT_PREC=dot_prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
         split_reduce_kernel[(num_tokens, num_heads)](

@@ -14,6 +14,45 @@ import triton.language as tl
 PAGED = tl.constexpr(0)  # key source of ``_attend``: the paged cache through the block table
 ROWS = tl.constexpr(1)  # contiguous rows from ``kv_tok0`` (the step's new K/V), by pointers
 DESC = tl.constexpr(2)  # the same rows through tensor descriptors (TMA on Hopper)
+PAGED_FP8 = tl.constexpr(3)  # PAGED, an fp8 e4m3 cache with bf16 queries, widened by ``_fp8_tile`` (NVIDIA)
+
+# 4 e4m3 bytes (one 32-bit word) -> 4 bf16: e4m3x2 -> f16x2 is one instruction, f16 -> f32 -> bf16
+# is exact (every e4m3 value, subnormals too, is a normal f16 and a normal bf16). (Integer bit
+# moves instead of the conversion unit measured 7-12% slower on an H200.)
+_E4M3X4_TO_BF16 = tl.constexpr("""{
+.reg .b16 a0, a1, x0, x1, x2, x3;
+.reg .b32 h0, h1;
+.reg .f32 f0, f1, f2, f3;
+mov.b32 {a0, a1}, $4;
+cvt.rn.f16x2.e4m3x2 h0, a0;
+cvt.rn.f16x2.e4m3x2 h1, a1;
+mov.b32 {x0, x1}, h0;
+mov.b32 {x2, x3}, h1;
+cvt.f32.f16 f0, x0;
+cvt.f32.f16 f1, x1;
+cvt.f32.f16 f2, x2;
+cvt.f32.f16 f3, x3;
+cvt.rn.bf16.f32 $0, f0;
+cvt.rn.bf16.f32 $1, f1;
+cvt.rn.bf16.f32 $2, f2;
+cvt.rn.bf16.f32 $3, f3;
+}""")
+
+
+@triton.jit
+def _fp8_tile(words_ptrs, mask, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A ``[BLOCK_N, HEAD_DIM]`` bf16 tile of an fp8 e4m3 cache, loaded as ``[BLOCK_N, HEAD_DIM / 4]``
+    32-bit words and widened in the load's own layout. (Loaded as fp8 and cast, the tile would
+    travel to the dot's layout through shared memory as bytes, read back one at a time: slower
+    than the bf16 cache despite half the bytes. Words, not byte pairs: Triton pipelines their
+    loads through shared memory, which measured ~8% faster.)"""
+    if mask is None:
+        w = tl.load(words_ptrs)
+    else:
+        w = tl.load(words_ptrs, mask=mask, other=0)
+    b0, b1, b2, b3 = tl.inline_asm_elementwise(_E4M3X4_TO_BF16, "=h,=h,=h,=h,r", [w],
+                                               dtype=(tl.bfloat16,) * 4, is_pure=True, pack=1)
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_N, HEAD_DIM))
 
 
 @triton.jit
@@ -23,8 +62,9 @@ def _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, kv_tok0, col, tile_
             MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over key tiles ``[tile_lo, tile_hi)``; MASKED adds causal/length masks.
     PAGED: V's cache is K's at element offset ``v_base`` (same strides), so one pointer tensor
-    serves both (a second one spills registers at 128x128 tiles). DESC: ``k_base``/``v_base``
-    are descriptors of ``[T, Hk * D]`` and ``col`` the head's first column."""
+    serves both (a second one spills registers at 128x128 tiles); PAGED_FP8 likewise, in 32-bit
+    words. DESC: ``k_base``/``v_base`` are descriptors of ``[T, Hk * D]`` and ``col`` the head's
+    first column."""
     for t in range(tile_lo, tile_hi):
         pos = t * BLOCK_N + offs_n
         if KV_MODE == DESC:
@@ -49,7 +89,14 @@ def _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, kv_tok0, col, tile_
                 in_blk = pos % BLOCK_SIZE
                 k_ptrs = k_base + (blk * stride_kb + in_blk * stride_kt)[:, None] + offs_d[None, :]
                 v_ptrs = k_ptrs + v_base
-            if MASKED:
+            if KV_MODE == PAGED_FP8:  # offsets in bytes / 4: rows and heads start on word boundaries
+                words = k_base.to(tl.pointer_type(tl.uint32), bitcast=True) \
+                    + ((blk * stride_kb + in_blk * stride_kt) // 4)[:, None] \
+                    + tl.arange(0, offs_d.shape[0] // 4)[None, :]
+                in_len = (pos < seq_len)[:, None] if MASKED else None
+                k = _fp8_tile(words, in_len, BLOCK_N, offs_d.shape[0])
+                v = _fp8_tile(words + v_base // 4, in_len, BLOCK_N, offs_d.shape[0])
+            elif MASKED:
                 # rows past seq_len may be NaN garbage: P = 0 times NaN would still poison acc
                 in_len = (pos < seq_len)[:, None]
                 k = tl.load(k_ptrs, mask=in_len, other=0.0)
@@ -120,7 +167,7 @@ def unified_attention_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, IS_DECODE: tl.constexpr, ZERO_PAD: tl.constexpr,
         SPLIT: tl.constexpr, HAS_CACHE: tl.constexpr, NEW_KV: tl.constexpr, CASCADE: tl.constexpr,
-        GATHERED: tl.constexpr, DOT_PREC: tl.constexpr):
+        GATHERED: tl.constexpr, CACHE_KV: tl.constexpr, DOT_PREC: tl.constexpr):
     """Grid ``(programs, num_kv_heads, num_splits)``.
 
     IS_DECODE: program ``p`` serves request ``p`` if its q_len is 1 (and, with ZERO_PAD,
@@ -133,11 +180,11 @@ def unified_attention_kernel(
     rows start after it; without SPLIT each row merges those slots itself before it normalises.
 
     Keys: ``k_ptr`` is the paged K cache (HAS_CACHE; V's is at element offset ``kv_delta``
-    with the same strides), ``kn_ptr``/``vn_ptr`` the step's new K/V rows ``[T, Hk, D]``.
-    A decode row reads all its keys from the cache; a prefill
-    block reads the cached prefix from the cache (no causal mask) and the request's new tokens
-    from the contiguous new rows (no block-table lookups), so a prompt without a cached
-    prefix never gathers pages. NEW_KV (ROWS or DESC) says whether ``kn_ptr``/``vn_ptr`` are
+    with the same strides; CACHE_KV is PAGED, or PAGED_FP8 to widen an fp8 cache by PTX),
+    ``kn_ptr``/``vn_ptr`` the step's new K/V rows ``[T, Hk, D]``. A decode row reads all its keys
+    from the cache; a prefill block reads the cached prefix from the cache (no causal mask) and
+    the request's new tokens from the contiguous new rows (no block-table lookups), so a prompt
+    without a cached prefix never gathers pages. NEW_KV (ROWS or DESC) says whether ``kn_ptr``/``vn_ptr`` are
     pointers or tensor descriptors of ``[T, Hk * D]``.
 
     GATHERED (prefill blocks): the cached prefixes' pages were copied, request after request,
@@ -224,11 +271,11 @@ def unified_attention_kernel(
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, q_start, kn_col,
                                 lo_t, tl.minimum(hi_t, n_full), seq_len, qk_scale,
                                 stride_kb, s_kt, s_vt, offs_n, offs_d,
-                                BLOCK_N, BLOCK_SIZE, PAGED if HAS_CACHE else NEW_KV, False, DOT_PREC)
+                                BLOCK_N, BLOCK_SIZE, CACHE_KV if HAS_CACHE else NEW_KV, False, DOT_PREC)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, q_start, kn_col,
                                 tl.maximum(lo_t, n_full), hi_t, seq_len, qk_scale,
                                 stride_kb, s_kt, s_vt, offs_n, offs_d,
-                                BLOCK_N, BLOCK_SIZE, PAGED if HAS_CACHE else NEW_KV, True, DOT_PREC)
+                                BLOCK_N, BLOCK_SIZE, CACHE_KV if HAS_CACHE else NEW_KV, True, DOT_PREC)
     else:
         # tile space: the cached prefix's tiles [0, n_ctx), then the new tokens' [n_ctx, n_tiles)
         n_ctx = tl.cdiv(ctx, BLOCK_N)
@@ -261,7 +308,7 @@ def unified_attention_kernel(
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, pos_after, k_base, kv_delta, bt_row, 0, 0,
                                         tl.maximum(lo_t, n_ctx_full), tl.minimum(hi_t, n_ctx), ctx,
                                         qk_scale, stride_kb, stride_kt, 0,
-                                        offs_n, offs_d, BLOCK_N, BLOCK_SIZE, PAGED, True, DOT_PREC)
+                                        offs_n, offs_d, BLOCK_N, BLOCK_SIZE, CACHE_KV, True, DOT_PREC)
         # the new tokens, causal, positions relative to the first new token
         lo_n = tl.maximum(lo_t - n_ctx, 0)
         hi_n = tl.maximum(hi_t - n_ctx, 0)

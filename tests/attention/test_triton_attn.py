@@ -384,6 +384,32 @@ def test_fp8_kv_cache(splits: int, gather: bool) -> None:
     assert torch.count_nonzero(out[n:]) == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+def test_gpu_fp8_widening_is_exact() -> None:
+    """Every finite e4m3 byte (subnormals, +-448) widens to its exact bf16 value on the
+    decode path: one key per request gives softmax weight 1, so each output row is its V row;
+    the bytes fill V in order, so a tile assembled out of order shows too. Where PTX widens the
+    tiles (``widen_fp8_by_ptx``) this checks that code."""
+    from attention.triton_attn import widen_fp8_by_ptx
+
+    fp8 = torch.float8_e4m3fn
+    b = make_batch([1, 1, 1], [0, 0, 0], num_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                   device=DEVICE, dtype=torch.bfloat16, seed=3)
+    codes = torch.arange(b.v.numel(), device=DEVICE) % 256
+    codes[((codes & 0x7F) == 0x7F) | (codes == 0x80)] = 0  # the two NaN bytes; -0 (the write may store +0)
+    v = codes.to(torch.uint8).view(fp8).view(b.v.shape)
+    k = b.k.to(fp8)
+    cache = b.kv_cache.to(fp8)
+    write_kv_cache_triton(k.to(torch.bfloat16), v.to(torch.bfloat16), cache, b.md.slot_mapping)
+    assert torch.equal(cache[1][b.md.slot_mapping // 16, b.md.slot_mapping % 16].view(torch.uint8),
+                       v.view(torch.uint8))
+    out = unified_attention(b.q, k.to(torch.bfloat16), v.to(torch.bfloat16), cache, b.md, 128 ** -0.5)
+    want = v.to(torch.bfloat16).repeat_interleave(4, dim=1)  # query head h reads KV head h // 4
+    assert widen_fp8_by_ptx(b.q, cache) == (torch.cuda.get_device_capability() >= (8, 9))
+    assert torch.equal(out, want)
+
+
 @pytest.mark.cpu
 def test_fp8_kv_write_saturates() -> None:
     """Values past the e4m3 range are stored as +-448 (a plain cast gives NaN), by both writes;
