@@ -333,8 +333,10 @@ class TritonAttentionBackend(AttentionBackend):
         the prefill launches real steps need on dummy requests over the null block (outputs
         dropped, nothing written): every query-block size (2-32 tokens) with split-KV, and a long
         request without, each with its mixed-step decode launch. Each variant is a JIT compile of
-        seconds that would otherwise stall the first real step needing it. Not on the CPU (the
-        interpreter compiles nothing)."""
+        seconds that would otherwise stall the first real step needing it. Where the Gluon kernel
+        took the long request (sm90), it runs once more on the unified kernel: a big step whose
+        cached prefix is read page by page (a short chunk over a long prefix, beside other
+        prompts) needs that variant. Not on the CPU (the interpreter compiles nothing)."""
         self._warm = True
         if q.device.type == "cpu":
             return
@@ -343,6 +345,12 @@ class TritonAttentionBackend(AttentionBackend):
             kv = q.new_zeros(n, self.num_kv_heads, self.head_dim)
             self.attend(q.new_zeros(n, self.num_heads, self.head_dim), kv, kv, kv_cache,
                         dummy_prefill(n, kv_cache.shape[2], q.device, ctx))
+        if lens and self.prefill_kernel is None:
+            n = max(lens)
+            kv = q.new_zeros(n, self.num_kv_heads, self.head_dim)
+            unified_attention(q.new_zeros(n, self.num_heads, self.head_dim), kv, kv, kv_cache,
+                              dummy_prefill(n, kv_cache.shape[2], q.device), self.scale, self.num_splits_override,
+                              self.min_split_tokens, new_kv=self.new_kv, prefill_kernel="triton")
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
