@@ -60,8 +60,9 @@ def _pow2(n: int) -> int:
 
 def decode_config(g_pad: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
     """One token x the group's query heads per program (rows padded to the dot minimum 16).
-    Tuned on an H100 (Llama-3-8B decode): 64-key tiles, 4 warps, 2 stages; on an H200 the same
-    tile is within 4% of the best for an fp8 cache too (``benchmarks/gpu_decode_tiles.py``)."""
+    Tuned on an H100 (Llama-3-8B decode): 64-key tiles, 4 warps, 2 stages. Over an fp8 cache on
+    an H200 it is the best tile for 256 rows of 512-640 keys and within 3% at 128 x 1k, 6-13%
+    behind the best at 4k-16k keys (``benchmarks/gpu_decode_tiles.py --kv-dtype fp8``)."""
     wide = dtype == torch.float32 or head_dim > 128
     return TileConfig(max(16, g_pad), 1, 32 if wide else 64, 4, 2)
 

@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent('''
                  DOT_PREC=None), 8, 3)
         cases["decode " + cache] = attention(cache, True, False, False)
         cases["decode split " + cache] = attention(cache, True, False, False, split=True)
-        if cache != "bf16":  # fp8 widened by a cast (fp16 queries; GPUs before sm89)
+        if cache != "bf16":  # fp8 widened by a cast (queries other than bf16)
             cases["decode cast " + cache] = attention(cache, True, False, False, widen=False)
         cases["decode cascade " + cache] = attention(cache, True, False, False, cascade=True)
         cases["prefill paged desc " + cache] = attention(cache, False, False, True)
