@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.gpu_throughput import (LLAMA3_8B, WORKLOADS, floor_seconds, make_prompts,  # noqa: E402
-                                       measure_roofline, warm_up)
+                                       measure_roofline, timed_greedy, warm_up)
 from benchmarks.gpu_tp import _bs1, params_of  # noqa: E402
 
 
@@ -160,14 +160,8 @@ def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: 
         prompts = make_prompts(name, n_req, plen, shared)
         floor = floor_seconds(LLAMA3_8B, n_req, plen, olen, shared, bw, flops, prefix_cached=shared > 0, n_gpus=tp)
         for attempt in range(1 + repeat):
-            llm.scheduler.reset_prefix_cache()
             with _compiles() as compiled:
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True),
-                                    use_tqdm=False)
-                dt = time.perf_counter() - t
-            n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+                outs, dt, n_out = timed_greedy(llm, prompts, olen)
             r = dict(total_tps=(sum(map(len, prompts)) + n_out) / dt, output_tps=n_out / dt, pct=100 * floor / dt,
                      tokens=[o.outputs[0].token_ids for o in outs[:4]])
             res.setdefault(name, r)  # the table shows the first run

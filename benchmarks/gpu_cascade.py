@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.gpu_attention import Inputs, bench, rel_err  # noqa: E402
-from benchmarks.gpu_throughput import LLAMA3_8B, WORKLOADS, floor_seconds, make_prompts, measure_roofline, warm_up  # noqa: E402
+from benchmarks.gpu_throughput import (LLAMA3_8B, WORKLOADS, floor_seconds, make_prompts,  # noqa: E402
+                                       measure_roofline, timed_greedy, warm_up)
 
 
 def kernels() -> None:
@@ -100,13 +101,7 @@ def end_to_end(runs: int, profile: bool = False) -> None:
         for mode in ("off", "on"):
             TritonAttentionBackend.cascade_min_tokens = CASCADE_MIN_TOKENS if mode == "on" else 0
             steps[0] = 0
-            llm.scheduler.reset_prefix_cache()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True),
-                                use_tqdm=False)
-            dt = time.perf_counter() - t
-            n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+            outs, dt, n_out = timed_greedy(llm, prompts, olen)
             best[mode] = max(best.get(mode, 0.0), (sum(map(len, prompts)) + n_out) / dt)
             tokens[mode] = [o.outputs[0].token_ids for o in outs]
             print(f"cascade {mode}: {(sum(map(len, prompts)) + n_out) / dt:,.0f} tok/s total, "

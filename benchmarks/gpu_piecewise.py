@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.gpu_throughput import LLAMA3_8B, WORKLOADS, make_prompts, warm_up  # noqa: E402
+from benchmarks.gpu_throughput import LLAMA3_8B, WORKLOADS, make_prompts, timed_greedy, warm_up  # noqa: E402
 
 COMMON = dict(device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096, max_num_seqs=256)
 
@@ -112,12 +112,7 @@ def workloads(mode: str) -> dict:
     warm_up(llm, {name: (n, p, o, 0) for name, (n, p, o) in timed.items()})
     for name, (n, p, o) in timed.items():
         prompts = make_prompts(name, n, p, 0)
-        llm.scheduler.reset_prefix_cache()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True), use_tqdm=False)
-        dt = time.perf_counter() - t
-        n_out = sum(len(x.outputs[0].token_ids) for x in outs)
+        outs, dt, n_out = timed_greedy(llm, prompts, o)
         res[name] = dict(total_tps=(n * p + n_out) / dt, output_tps=n_out / dt, seconds=dt)
     llm.scheduler.reset_prefix_cache()
     res["step_wall_ms"], res["step_gpu_ms"] = _step_profile(llm)

@@ -79,6 +79,19 @@ def warm_up(llm, workloads: dict) -> None:
     llm.scheduler.reset_prefix_cache()
 
 
+def timed_greedy(llm, prompts: list, out_len: int) -> tuple[list, float, int]:
+    """One timed greedy ``generate`` of ``prompts`` (``out_len`` tokens each, EOS ignored) after
+    clearing the prefix cache, so repeated runs start alike: (outputs, seconds, output tokens)."""
+    from engine import SamplingParams
+
+    llm.scheduler.reset_prefix_cache()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True), use_tqdm=False)
+    dt = time.perf_counter() - t
+    return outs, dt, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
 def floor_seconds(cfg: dict, n_req: int, prompt: int, out: int, shared: int, bw: float, flops: float,
                   prefix_cached: bool, n_gpus: int = 1) -> float:
     """Lower bound: every decode step reads all weights once (out steps at least) plus the KV it
@@ -103,7 +116,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def run_ours(model_dir: str, workloads: dict, args) -> dict:
-    from engine import LLM, SamplingParams
+    from engine import LLM
 
     t = time.perf_counter()
     llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 2048,
@@ -116,14 +129,8 @@ def run_ours(model_dir: str, workloads: dict, args) -> dict:
     warm_up(llm, workloads)
     results = {"_startup_s": startup, "_backend": info.attention_backend, "_kv_blocks": llm.num_kv_blocks}
     for name, (n_req, plen, olen, shared) in workloads.items():
-        llm.scheduler.reset_prefix_cache()
         prompts = make_prompts(name, n_req, plen, shared)
-        params = SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        dt = time.perf_counter() - t
-        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        outs, dt, n_out = timed_greedy(llm, prompts, olen)
         ttft = [o.metrics.ttft for o in outs]
         tpot = [o.metrics.tpot for o in outs if o.metrics.tpot is not None]
         results[name] = dict(seconds=dt, total_tps=(sum(map(len, prompts)) + n_out) / dt, output_tps=n_out / dt,
