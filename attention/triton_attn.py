@@ -79,7 +79,7 @@ def _rows_descriptor(t: torch.Tensor, block_n: int):
 
 
 def widen_fp8_by_ptx(q: torch.Tensor, kv_cache: torch.Tensor | None) -> bool:
-    """Whether the unified kernel widens an fp8 cache's tiles with PTX (``_fp8_tile``): bf16
+    """Whether the unified kernel widens an fp8 cache's tiles with PTX (``triton_fp8.fp8_tile``): bf16
     queries over an e4m3 cache on an NVIDIA GPU of compute capability 8.9 or newer, compiled."""
     return (kv_cache is not None and kv_cache.dtype == FP8_KV and q.dtype == torch.bfloat16
             and q.device.type == "cuda" and torch.version.hip is None and not interpreting()
