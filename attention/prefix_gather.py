@@ -80,7 +80,7 @@ def gather_pages(kv_cache: torch.Tensor, gather: PrefixGather) -> torch.Tensor:
     (torch's indexing of the middle dimension ran at a fifth of the copy bandwidth on an H200),
     with each page's slots past its prefix (``page_rows``) zero: every row is finite, so a kernel
     may multiply the rows past a prefix by a zero probability without masking them."""
-    from attention.triton_kernels import gather_pages_kernel  # triton is optional: imported on use
+    from attention.triton_cache_kernels import gather_pages_kernel  # triton is optional: imported on use
     block_size, hk, d = kv_cache.shape[2:]
     if not kv_cache[0].is_contiguous():
         raise ValueError("prefix gather needs each of K and V's caches contiguous")

@@ -101,7 +101,7 @@ def _gluon_refusal(q: torch.Tensor, kv_cache: torch.Tensor | None, pre: TileConf
 def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
     """Fused K+V store by ``slot_mapping``; slot -1 (padding) leaves the cache untouched."""
-    from attention.triton_kernels import kv_write_kernel
+    from attention.triton_cache_kernels import kv_write_kernel
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
         return

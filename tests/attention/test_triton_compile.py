@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent('''
     import inspect, json, triton
     from triton.compiler import ASTSource
     from triton.backends.compiler import GPUTarget
-    from attention import triton_kernels as tk
+    from attention import triton_cache_kernels as tc, triton_kernels as tk
 
     def compile_one(kernel, types, cons, nw, ns):
         names = list(inspect.signature(kernel.fn).parameters)
@@ -48,11 +48,11 @@ SCRIPT = textwrap.dedent('''
     cases = {}
     for cache in ("bf16", "fp8e4nv"):
         cases["kv_write bf16 -> " + cache] = (
-            tk.kv_write_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*" + cache, "vc_ptr": "*" + cache,
+            tc.kv_write_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*" + cache, "vc_ptr": "*" + cache,
                                  "slot_ptr": "*i64"},
             dict(NUM_KV_HEADS=8, H_PAD=8, HEAD_DIM=128, BLOCK_SIZE=16, SAT=0.0 if cache == "bf16" else 448.0), 4, 2)
         cases["gather_pages " + cache] = (
-            tk.gather_pages_kernel, {"src_ptr": "*" + cache, "dst_ptr": "*" + cache, "page_ids_ptr": "*i32",
+            tc.gather_pages_kernel, {"src_ptr": "*" + cache, "dst_ptr": "*" + cache, "page_ids_ptr": "*i32",
                                      "page_rows_ptr": "*i32"},
             dict(PAGE_ELEMS=16384, ROW_ELEMS=1024, BLOCK=4096), 4, 2)
         cases["cascade_prefix " + cache] = (
