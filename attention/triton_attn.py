@@ -223,7 +223,8 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             q, k_src, bt, md.query_start_loc, prefix, part_m, part_l, part_acc,
             num_reqs_pad, qk_scale, q.stride(0), q.stride(1), *kv_strides, num_heads * slots, slots,
             Q_PER_KV=q_per_kv, G_PAD=g_pad, BLOCK_R=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            KEY_TILE=dec.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, DOT_PREC=dot_prec,
+            KEY_TILE=dec.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, CACHE_KV=cache_kv,
+            DOT_PREC=dot_prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     for cfg, grid0, is_decode in ((dec, grid_dec, True), (pre, grid_pre, False)):
         if cfg is None:

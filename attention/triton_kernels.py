@@ -319,7 +319,8 @@ def cascade_prefix_kernel(q_ptr, k_ptr, bt_ptr, qsl_ptr, prefix_ptr, part_m_ptr,
                           stride_pt, stride_ph,
                           Q_PER_KV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TILE: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, CACHE_KV: tl.constexpr,
+                          DOT_PREC: tl.constexpr):
     """Grid ``(cdiv(num_reqs_pad, BLOCK_R), num_kv_heads, prefix splits)``: cascade attention's
     shared part. Every decode request of the step reads the same pages for its first
     ``prefix_ptr[0]`` keys (rounded down to the decode role's ``KEY_TILE``, where its rows
@@ -327,7 +328,8 @@ def cascade_prefix_kernel(q_ptr, k_ptr, bt_ptr, qsl_ptr, prefix_ptr, part_m_ptr,
     attends them over split ``s``'s share of those keys' tiles, read once through request 0's
     block table; it writes unnormalised partials at slot ``s`` (empty splits: no mass), which
     the decode rows merge. The length is read on the device, so a captured graph serves every
-    prefix. Rows of requests that do not decode this step (padding) are skipped."""
+    prefix. Rows of requests that do not decode this step (padding) are skipped. CACHE_KV as in
+    ``unified_attention_kernel`` (PAGED, or PAGED_FP8 to widen an fp8 cache by PTX)."""
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     offs_m = tl.arange(0, BLOCK_M)
@@ -350,7 +352,7 @@ def cascade_prefix_kernel(q_ptr, k_ptr, bt_ptr, qsl_ptr, prefix_ptr, part_m_ptr,
     hi = tl.minimum(lo + per, prefix_tiles)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, offs_m, k_ptr + kvh * stride_kh, kv_delta, bt_ptr, 0, 0,
                             lo, hi, prefix_tiles * BLOCK_N, qk_scale, stride_kb, stride_kt, 0, offs_n, offs_d,
-                            BLOCK_N, BLOCK_SIZE, PAGED, False, DOT_PREC)
+                            BLOCK_N, BLOCK_SIZE, CACHE_KV, False, DOT_PREC)
     pidx = tok * stride_pt + head * stride_ph + split
     tl.store(part_m_ptr + pidx, m_i, mask=row_ok)
     tl.store(part_l_ptr + pidx, l_i, mask=row_ok)

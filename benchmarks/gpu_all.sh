@@ -11,7 +11,7 @@
 #                                           the shared-prefix workload with cascade attention off and on
 #   bash benchmarks/gpu_all.sh async        async scheduling off/on, mixed steps by kind; then on with an fp8 KV cache
 #   bash benchmarks/gpu_all.sh kernels      the projections' GEMMs (cuBLAS ways, a Triton tile sweep), the decode
-#                                           kernel's tiles over a bf16 and an fp8 cache
+#                                           kernel's tiles and the cascade kernels over a bf16 and an fp8 cache
 #   bash benchmarks/gpu_all.sh all          tests and throughput
 # Output goes to $OUT (or ./out) as logs and markdown tables.
 set -uo pipefail
@@ -57,6 +57,7 @@ if [[ $part == kernels ]]; then
   python3 benchmarks/gpu_gemm_triton.py 2>&1 | tee "$OUT/gemm_triton.log" | grep -E "^\||^#|^sum"
   for kv in bf16 fp8; do
     python3 benchmarks/gpu_decode_tiles.py --kv-dtype $kv 2>&1 | tee "$OUT/decode_tiles_$kv.log" | grep -E "^\||^#|^best"
+    python3 benchmarks/gpu_cascade.py --skip-e2e --kv-dtype $kv 2>&1 | tee "$OUT/cascade_kernels_$kv.log" | grep -E "^\||GPU"
   done
 fi
 if [[ $part == tp ]]; then

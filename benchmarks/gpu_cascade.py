@@ -1,11 +1,12 @@
 """Cascade attention on the GPU: the kernel, then the shared-prefix workload with it off and on.
 
-    python benchmarks/gpu_cascade.py [--runs 2] [--skip-kernels] [--skip-e2e]
+    python benchmarks/gpu_cascade.py [--runs 2] [--skip-kernels] [--skip-e2e] [--kv-dtype fp8]
 
-(a) Kernels: one layer's attention (Llama-3-8B shape, bf16, block 16) for decode batches whose
-requests share a prompt prefix and have 64 keys of their own, plain vs cascade (the prefix split
-as ``prefix_cascade_plan`` says, and forced to 1-8 splits), CUDA-graph replays, median us, and
-the cascade's error against the plain kernel.
+(a) Kernels: one layer's attention (Llama-3-8B shape, bf16 queries over a bf16 or, with
+``--kv-dtype fp8``, an fp8 cache, block 16) for decode batches whose requests share a prompt
+prefix and have 64 keys of their own, plain vs cascade (the prefix split as
+``prefix_cascade_plan`` says, and forced to 1-8 splits), CUDA-graph replays, median us, and the
+cascade's error against the plain kernel.
 (b) End to end: the shared-prefix workload of ``gpu_throughput.py`` (256 requests x (1024 shared +
 64) prompt tokens -> 64), Triton attention, async scheduling, decode graphs (cascade steps replay
 cascade graphs). Cascades are on when the engine starts (so their graphs are captured) and
@@ -32,7 +33,7 @@ from benchmarks.gpu_throughput import (LLAMA3_8B, WORKLOADS, floor_seconds, make
                                        measure_roofline, timed_greedy, warm_up)
 
 
-def kernels() -> None:
+def kernels(kv_dtype: torch.dtype = torch.bfloat16) -> None:
     import attention.triton_attn as ta
     scale, plan = 128 ** -0.5, ta.prefix_cascade_plan
     print("| decode batch | shared keys | plain us | cascade us (splits) | 1 split | 2 | 4 | 8 | rel. err vs plain |")
@@ -40,6 +41,7 @@ def kernels() -> None:
     for batch in (64, 256):
         for shared in (1024, 4096):
             s = Inputs([1] * batch, [shared + 63] * batch, 16, torch.bfloat16, seed=1)
+            s.kv_cache = s.kv_cache.to(kv_dtype)  # randn: well inside fp8's range
             pages = shared // 16
             s.md.block_table[:batch, :pages] = s.md.block_table[0, :pages].clone()
             dev = torch.tensor([shared], dtype=torch.int32, device="cuda")
@@ -125,12 +127,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="the kernel table's cache dtype")
     ap.add_argument("--profile", action="store_true",
                     help="also one run with cascades under the profilers: GPU busy vs wall, top host functions")
     args = ap.parse_args()
-    print(f"GPU: {torch.cuda.get_device_name()}", flush=True)
+    print(f"GPU: {torch.cuda.get_device_name()}; kernel table: {args.kv_dtype} cache", flush=True)
     if not args.skip_kernels:
-        kernels()
+        kernels(torch.float8_e4m3fn if args.kv_dtype == "fp8" else torch.bfloat16)
     if not args.skip_e2e:
         end_to_end(args.runs, args.profile)
 

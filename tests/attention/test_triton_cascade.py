@@ -138,18 +138,24 @@ def test_cascade_only_past_the_thresholds(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_cascade_half_precision(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, None), (torch.float16, None),
+                                               (torch.bfloat16, torch.float8_e4m3fn)])
+def test_gpu_cascade_half_precision(monkeypatch, dtype, cache_dtype):
+    """Compiled, at the Llama-3-8B head layout; with an fp8 cache the shared prefix's tiles are
+    widened as they load (``widen_fp8_by_ptx``) like the per-request rows'."""
     ctx = [1100, 1030, 1500, 1090] * 8
     b = _shared_batch(ctx, 64, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, pad_reqs=3,
                       pad_tokens=3, seed=2)
+    k, v, cache = b.k, b.v, b.kv_cache
+    if cache_dtype is not None:  # new K/V fp8-representable, so the write loses nothing
+        k, v, cache = k.to(cache_dtype).to(dtype), v.to(cache_dtype).to(dtype), cache.to(cache_dtype)
     be = _backend(monkeypatch, (32, 8), 128, min_tokens=256, min_reqs=8)
     md = be.prepare(b.md)
     assert md.cascade_prefix_len == 1024
-    ref = dense_reference(b.q, b.k, b.v, b.kv_cache, b.md, 128 ** -0.5)
-    out = be(b.q, b.k, b.v, b.kv_cache.clone(), md)
+    ref = dense_reference(b.q, k, v, cache, b.md, 128 ** -0.5)
+    out = be(b.q, k, v, cache.clone(), md)
     assert rel_err(out, ref.to(out.device)) < 1e-2 and not torch.isnan(out).any()
-    plain = be(b.q, b.k, b.v, b.kv_cache.clone(), dataclasses.replace(md, cascade_prefix_len=0))
+    plain = be(b.q, k, v, cache.clone(), dataclasses.replace(md, cascade_prefix_len=0))
     assert rel_err(out, plain) < 3e-3
 
 

@@ -55,12 +55,14 @@ SCRIPT = textwrap.dedent('''
             tc.gather_pages_kernel, {"src_ptr": "*" + cache, "dst_ptr": "*" + cache, "page_ids_ptr": "*i32",
                                      "page_rows_ptr": "*i32"},
             dict(PAGE_ELEMS=16384, ROW_ELEMS=1024, BLOCK=4096), 4, 2)
-        cases["cascade_prefix " + cache] = (
-            tk.cascade_prefix_kernel, {"q_ptr": "*bf16", "k_ptr": "*" + cache, "bt_ptr": "*i32", "qsl_ptr": "*i32",
-                                       "prefix_ptr": "*i32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
-                                       "part_acc_ptr": "*fp32", "qk_scale": "fp32"},
-            dict(Q_PER_KV=4, G_PAD=4, BLOCK_R=32, BLOCK_M=128, BLOCK_N=64, KEY_TILE=64, HEAD_DIM=128, BLOCK_SIZE=16,
-                 DOT_PREC=None), 8, 3)
+        for kv_mode in (tk.PAGED.value, tk.PAGED_FP8.value) if cache != "bf16" else (tk.PAGED.value,):
+            name = "cascade_prefix " + cache + (" cast" if cache != "bf16" and kv_mode == tk.PAGED.value else "")
+            cases[name] = (
+                tk.cascade_prefix_kernel, {"q_ptr": "*bf16", "k_ptr": "*" + cache, "bt_ptr": "*i32",
+                                           "qsl_ptr": "*i32", "prefix_ptr": "*i32", "part_m_ptr": "*fp32",
+                                           "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "qk_scale": "fp32"},
+                dict(Q_PER_KV=4, G_PAD=4, BLOCK_R=32, BLOCK_M=128, BLOCK_N=64, KEY_TILE=64, HEAD_DIM=128,
+                     BLOCK_SIZE=16, CACHE_KV=kv_mode, DOT_PREC=None), 8, 3)
         cases["decode " + cache] = attention(cache, True, False, False)
         cases["decode split " + cache] = attention(cache, True, False, False, split=True)
         if cache != "bf16":  # fp8 widened by a cast (queries other than bf16)
@@ -106,4 +108,4 @@ def test_attention_kernels_compile_for_hopper():
         pytest.skip(f"this triton cannot compile for NVIDIA here: {out.stderr.strip().splitlines()[-1][:200]}")
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["cases"] >= 22 and not res["failed"], res["failed"]
+    assert res["cases"] >= 23 and not res["failed"], res["failed"]
