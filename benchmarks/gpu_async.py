@@ -2,7 +2,7 @@
 or, with ``--tp N``, on N GPUs of this host (the ``"mp"`` executor: a worker process per rank).
 
     python benchmarks/gpu_async.py [--attention-backend triton] [--decode-len 512] [--tp 2] [--steps mixed]
-        [--workloads mixed] [--repeat 1] [--kv-cache-dtype fp8]
+        [--workloads mixed] [--repeat 1] [--kv-cache-dtype fp8] [--max-batched-tokens 8192]
 
 Llama-3-8B shape, random bf16 weights (``load_format="dummy"``). Per mode: bs=1 decode tok/s
 (against the bandwidth roofline), decode-heavy total tok/s, mixed output tok/s and shared-prefix
@@ -145,11 +145,11 @@ def _compiles() -> Iterator[list[str]]:
 
 def run(model_dir: str, async_scheduling: bool, backend: str | None, workloads: dict, bw: float,
         flops: float, tp: int = 1, profile: tuple[str, ...] = (), steps: tuple[str, ...] = (),
-        kv_cache_dtype: str = "auto", repeat: int = 0) -> dict:
+        kv_cache_dtype: str = "auto", repeat: int = 0, max_batched_tokens: int = 8192) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096 + 2048,
-              max_num_seqs=256, max_num_batched_tokens=8192, attention_backend=backend,
+              max_num_seqs=256, max_num_batched_tokens=max_batched_tokens, attention_backend=backend,
               async_scheduling=async_scheduling, tensor_parallel_size=tp, kv_cache_dtype=kv_cache_dtype)
     warm_up(llm, workloads)
     res = {"backend": llm.info.attention_backend, "bs1_tps": _bs1(llm)}
@@ -194,6 +194,8 @@ def main() -> None:
                     help="comma-separated workloads to time (the table shows n/a for the others)")
     ap.add_argument("--repeat", type=int, default=0, help="time each workload this many more times (the "
                     "table shows the first run; the log shows every run)")
+    ap.add_argument("--max-batched-tokens", type=int, default=8192,
+                    help="the engine's max_num_batched_tokens (the step's token budget)")
     ap.add_argument("--steps", default="", help="comma-separated workloads whose steps to time by class "
                     "(with prefill / decode-only) against each class's roofline (one GPU)")
     args = ap.parse_args()
@@ -212,10 +214,11 @@ def main() -> None:
         modes = [m == "on" for m in args.modes.split(",")]
         profile, steps = (tuple(filter(None, a.split(","))) for a in (args.profile, args.steps))
         res = {mode: run(d, mode, args.attention_backend, workloads, bw, flops, args.tp, profile, steps,
-                         args.kv_cache_dtype, args.repeat) for mode in modes}
+                         args.kv_cache_dtype, args.repeat, args.max_batched_tokens) for mode in modes}
     same = all(res[True][w]["tokens"] == res[False][w]["tokens"] for w in workloads) if len(res) == 2 else "n/a"
     print(f"\nGPU: {args.tp} x {gpu}; copy {bw / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s per GPU; "
           f"backend {next(iter(res.values()))['backend']}; KV cache {args.kv_cache_dtype}; "
+          f"max_num_batched_tokens {args.max_batched_tokens}; "
           f"greedy tokens equal in both modes: {same}\n")
     print("| async_scheduling | bs=1 tok/s (% of roofline) | decode-heavy total tok/s (% floor) | "
           "mixed out tok/s (% floor) | shared-prefix total tok/s (% floor) |")
