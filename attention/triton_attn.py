@@ -79,8 +79,9 @@ def _rows_descriptor(t: torch.Tensor, block_n: int):
 
 
 def widen_fp8_by_ptx(q: torch.Tensor, kv_cache: torch.Tensor | None) -> bool:
-    """Whether the unified kernel widens an fp8 cache's tiles with PTX (``triton_fp8.fp8_tile``): bf16
-    queries over an e4m3 cache on an NVIDIA GPU of compute capability 8.9 or newer, compiled."""
+    """Whether the Triton kernels (unified and cascade prefix) widen an fp8 cache's tiles with PTX
+    (``triton_fp8.fp8_tile``): bf16 queries over an e4m3 cache on an NVIDIA GPU of compute
+    capability 8.9 or newer, compiled."""
     return (kv_cache is not None and kv_cache.dtype == FP8_KV and q.dtype == torch.bfloat16
             and q.device.type == "cuda" and torch.version.hip is None and not interpreting()
             and (compute_capability() or 0) >= 89)
@@ -341,17 +342,14 @@ class TritonAttentionBackend(AttentionBackend):
         self._warm = True
         if q.device.type == "cpu":
             return
-        lens = self.WARM_UP_QUERY_LENS
-        for n, ctx in [(n, 0) for n in lens] + [(n, n) for n in sorted(lens)[-2:]]:
+        lens, kernel = self.WARM_UP_QUERY_LENS, self.prefill_kernel
+        runs = [(n, 0, kernel) for n in lens] + [(n, n, kernel) for n in sorted(lens)[-2:]]
+        if lens and kernel is None:
+            runs.append((max(lens), 0, "triton"))
+        for n, ctx, kern in runs:
             kv = q.new_zeros(n, self.num_kv_heads, self.head_dim)
-            self.attend(q.new_zeros(n, self.num_heads, self.head_dim), kv, kv, kv_cache,
-                        dummy_prefill(n, kv_cache.shape[2], q.device, ctx))
-        if lens and self.prefill_kernel is None:
-            n = max(lens)
-            kv = q.new_zeros(n, self.num_kv_heads, self.head_dim)
-            unified_attention(q.new_zeros(n, self.num_heads, self.head_dim), kv, kv, kv_cache,
-                              dummy_prefill(n, kv_cache.shape[2], q.device), self.scale, self.num_splits_override,
-                              self.min_split_tokens, new_kv=self.new_kv, prefill_kernel="triton")
+            self._attend(q.new_zeros(n, self.num_heads, self.head_dim), kv, kv, kv_cache,
+                         dummy_prefill(n, kv_cache.shape[2], q.device, ctx), kern)
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -359,6 +357,10 @@ class TritonAttentionBackend(AttentionBackend):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_cache: torch.Tensor | None, md: AttentionMetadata) -> torch.Tensor:
+        return self._attend(q, k, v, kv_cache, md, self.prefill_kernel)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+                md: AttentionMetadata, prefill_kernel: str | None) -> torch.Tensor:
         gather = None
         if kv_cache is not None and md.max_query_len > 1:  # one plan per step, shared by its layers
             if not isinstance(md.extra, PrefixGather):
@@ -367,5 +369,5 @@ class TritonAttentionBackend(AttentionBackend):
             gather = md.extra
         return unified_attention(q, k, v, kv_cache, md, self.scale, self.num_splits_override,
                                  self.min_split_tokens, new_kv=self.new_kv, prefix_gather=gather,
-                                 prefill_kernel=self.prefill_kernel)
+                                 prefill_kernel=prefill_kernel)
 

@@ -19,6 +19,7 @@ ROWS = tl.constexpr(1)  # contiguous rows from ``kv_tok0`` (the step's new K/V),
 DESC = tl.constexpr(2)  # the same rows through tensor descriptors (TMA on Hopper)
 PAGED_FP8 = tl.constexpr(3)  # PAGED, an fp8 e4m3 cache with bf16 queries, widened by ``triton_fp8.fp8_tile`` (NVIDIA)
 
+
 @triton.jit
 def _attend(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, kv_tok0, col, tile_lo, tile_hi, seq_len,
             qk_scale, stride_kb, stride_kt, stride_vt, offs_n, offs_d,
